@@ -131,7 +131,9 @@ class ModelConfig:
             if key in data:
                 value = data[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise ConfigError(f"{source}: '{key}' must be a positive integer, got {value!r}")
+                    raise ConfigError(
+                        f"{source}: '{key}' must be a positive integer, got {value!r}"
+                    )
                 kwargs[key] = value
         if "separation_exponent" in data:
             value = data["separation_exponent"]
@@ -154,7 +156,8 @@ class ModelConfig:
     def _validate(self, source: str) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(
-                f"{source}: unknown model type {self.model_type!r} (known: {', '.join(MODEL_TYPES)})"
+                f"{source}: unknown model type {self.model_type!r} "
+                f"(known: {', '.join(MODEL_TYPES)})"
             )
         for key in ("conv_activation", "deconv_activation"):
             if getattr(self, key) not in ACTIVATIONS:

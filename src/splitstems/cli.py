@@ -1,0 +1,217 @@
+"""Command line: ``splitstems separate|models|convert``, Spleeter's flags.
+
+Only parses arguments, calls the library and maps its errors to one-line messages and
+exit codes (0 success, 1 some inputs failed, 2 usage, model or configuration errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from splitstems import __version__
+from splitstems.errors import SplitstemsError
+
+CODECS = ("wav", "mp3", "ogg", "m4a", "wma", "flac")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("splitstems")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-p",
+        "--params_filename",
+        dest="params",
+        default="spleeter:2stems",
+        help="model name (spleeter:2stems, spleeter:4stems, spleeter:5stems, with -16kHz "
+        "variants) or path to a JSON config (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="folder with the weights: converted files or Spleeter's pretrained_models "
+        "layout (default: $SPLITSTEMS_MODEL_DIR, then the cache, then download)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``splitstems`` command."""
+    parser = argparse.ArgumentParser(
+        prog="splitstems",
+        description="Split music into stems with Deezer's Spleeter models, in PyTorch.",
+    )
+    parser.add_argument("--version", action="version", version=f"splitstems {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sep = sub.add_parser("separate", help="separate audio files into stems")
+    sep.add_argument("files", nargs="*", metavar="FILE", help="audio files to separate")
+    sep.add_argument("-i", "--inputs", nargs="+", default=[], help=argparse.SUPPRESS)
+    _add_model_options(sep)
+    sep.add_argument(
+        "-o",
+        "--output_path",
+        default=str(Path(tempfile.gettempdir()) / "separated_audio"),
+        help="output directory (default: %(default)s, as Spleeter)",
+    )
+    sep.add_argument("-c", "--codec", default="wav", choices=CODECS, help="output codec")
+    sep.add_argument("-b", "--bitrate", default="128k", help="bitrate of lossy codecs (128k)")
+    sep.add_argument(
+        "--bit-depth",
+        default="16",
+        choices=("16", "24", "32f"),
+        help="sample format of wav/flac output (default 16)",
+    )
+    sep.add_argument("-s", "--offset", type=float, default=0.0, help="start offset in seconds")
+    sep.add_argument(
+        "-d",
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds to process (default: the whole file; the original stopped at 600)",
+    )
+    sep.add_argument(
+        "-f",
+        "--filename_format",
+        default="{filename}/{instrument}.{codec}",
+        help="output path inside -o; keys {filename}, {foldername}, {instrument}, {codec}",
+    )
+    sep.add_argument("--mwf", action="store_true", help="multichannel Wiener filter")
+    sep.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
+    sep.add_argument("--verbose", action="store_true", help="more logging")
+
+    models = sub.add_parser("models", help="list the released models and whether each is cached")
+    models.add_argument("--model-dir", default=None, help="also look in this folder")
+
+    conv = sub.add_parser(
+        "convert", help="convert a TensorFlow Spleeter checkpoint to safetensors + JSON config"
+    )
+    conv.add_argument("checkpoint", help="checkpoint folder (model.index, model.data-...)")
+    conv.add_argument("-p", "--params_filename", dest="params", default="spleeter:2stems")
+    conv.add_argument("-o", "--output", required=True, help="folder to write the model to")
+    return parser
+
+
+def _separate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from splitstems import audio
+    from splitstems.separator import Separator, output_paths
+
+    files = [*args.files, *args.inputs]
+    if not files:
+        print("error: no input files given", file=sys.stderr)
+        return EXIT_USAGE
+    if args.mwf:
+        print("error: --mwf is not available yet", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        separator = Separator(args.params, model_dir=args.model_dir, device=args.device)
+        output_paths(
+            "x",
+            args.output_path,
+            separator.instruments,
+            codec=args.codec,
+            filename_format=args.filename_format,
+        )
+    except (SplitstemsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    failures = 0
+    for file in files:
+        start = time.perf_counter()
+        try:
+            info = audio.probe(file)
+            total = info.duration
+            if total is not None:
+                total = max(0.0, total - args.offset)
+                if args.duration is not None:
+                    total = min(total, args.duration)
+            with tqdm(
+                total=round(total, 1) if total else None,
+                unit="s",
+                desc=Path(file).name[:40],
+                leave=False,
+                disable=None,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
+            ) as bar:
+
+                def advance(seconds: float, bar: tqdm = bar) -> None:
+                    room = (bar.total or float("inf")) - bar.n
+                    bar.update(min(seconds, room))
+
+                paths = separator.separate_to_file(
+                    file,
+                    args.output_path,
+                    offset=args.offset,
+                    duration=args.duration,
+                    codec=args.codec,
+                    bitrate=args.bitrate,
+                    bit_depth=args.bit_depth,
+                    filename_format=args.filename_format,
+                    on_progress=advance,
+                )
+        except SplitstemsError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        elapsed = time.perf_counter() - start
+        speed = f", {total / elapsed:.1f}x real time" if total else ""
+        for path in paths.values():
+            log.info("File %s written successfully", path)
+        print(
+            f"{file}: {len(paths)} stems in {elapsed:.1f} s{speed} -> "
+            f"{Path(next(iter(paths.values()))).parent}"
+        )
+    if failures:
+        print(f"{failures} of {len(files)} files failed", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace) -> int:
+    from splitstems import hub
+    from splitstems.config import load_config
+
+    for entry in hub.list_models(model_dir=args.model_dir):
+        config = load_config(entry.name)
+        state = "available" if entry.available else "not cached (downloads on first use)"
+        print(f"{entry.name:24} {', '.join(config.instruments):38} {state}")
+    return EXIT_OK
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from splitstems.config import load_config
+    from splitstems.convert import convert_checkpoint
+
+    config = load_config(args.params)
+    path = convert_checkpoint(args.checkpoint, args.output, config)
+    print(f"wrote {path} and {Path(path).parent / 'config.json'}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s:%(name)s:%(message)s",
+    )
+    handlers = {"separate": _separate, "models": _models, "convert": _convert}
+    try:
+        return handlers[args.command](args)
+    except SplitstemsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Spleeter's U-Net and softmax U-Net as plain ``nn.Module``s.
+
+Tensors in, tensors out: the model sees magnitude spectrograms shaped
+``(batch, n_channels, T, F)`` (time frames are the height axis, frequency bins the
+width axis) and returns one magnitude estimate per instrument. Layer for layer the
+Keras graph of ``spleeter/model/functions/unet.py``, including TensorFlow's asymmetric
+"same" padding, the transposed-convolution crop and the skip connections taken
+before BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from splitstems.config import ModelConfig
+
+__all__ = ["UNet", "SpleeterModel", "ENCODER_FILTERS", "DECODER_FILTERS"]
+
+ENCODER_FILTERS = (16, 32, 64, 128, 256, 512)
+DECODER_FILTERS = (256, 128, 64, 32, 16, 1)
+KERNEL = 5
+BN_EPSILON = 1e-3  # Keras BatchNormalization default
+BN_MOMENTUM = 0.01  # Keras momentum 0.99
+
+
+def make_activation(name: str) -> nn.Module:
+    """Return the activation Spleeter builds for a config name (LeakyReLU slope 0.2)."""
+    if name == "ReLU":
+        return nn.ReLU()
+    if name == "ELU":
+        return nn.ELU()
+    return nn.LeakyReLU(0.2)
+
+
+class EncoderBlock(nn.Module):
+    """Conv2D 5x5 stride 2 "same" (TF padding) followed by BatchNorm and activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, activation: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, KERNEL, stride=2)
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPSILON, momentum=BN_MOMENTUM)
+        self.act = make_activation(activation)
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the raw convolution (the skip connection): (B, C, H, W) → (B, C', H/2, W/2)."""
+        # TF "same" at stride 2 with k=5 pads 1 before and 2 after on both axes.
+        return self.conv(F.pad(x, (1, 2, 1, 2)))
+
+    def activate(self, conv: torch.Tensor) -> torch.Tensor:
+        """Return activation(BatchNorm(conv)), the input of the next block."""
+        return self.act(self.bn(conv))
+
+
+class DecoderBlock(nn.Module):
+    """Conv2DTranspose 5x5 stride 2 "same" followed by activation, BatchNorm, dropout."""
+
+    def __init__(self, in_channels: int, out_channels: int, activation: str, dropout: bool) -> None:
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(in_channels, out_channels, KERNEL, stride=2)
+        self.act = make_activation(activation)
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPSILON, momentum=BN_MOMENTUM)
+        self.dropout = nn.Dropout(0.5) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, C', 2H, 2W)."""
+        height, width = x.shape[-2:]
+        # PyTorch gives 2n + 3 outputs; TF's "same" output is the slice [1 : 1 + 2n].
+        up = self.deconv(x)[..., 1 : 1 + 2 * height, 1 : 1 + 2 * width]
+        return self.dropout(self.bn(self.act(up)))
+
+
+class UNet(nn.Module):
+    """One instrument's U-Net (~9.8 M parameters), returning a mask or mask logits."""
+
+    def __init__(
+        self,
+        n_channels: int = 2,
+        *,
+        conv_activation: str = "LeakyReLU",
+        deconv_activation: str = "ReLU",
+    ) -> None:
+        super().__init__()
+        in_channels = (n_channels, *ENCODER_FILTERS[:-1])
+        self.encoder = nn.ModuleList(
+            EncoderBlock(i, o, conv_activation)
+            for i, o in zip(in_channels, ENCODER_FILTERS, strict=True)
+        )
+        skips = tuple(reversed(ENCODER_FILTERS[:-1]))  # 256, 128, 64, 32, 16
+        dec_in = (
+            ENCODER_FILTERS[-1],
+            *(s + d for s, d in zip(skips, DECODER_FILTERS[:-1], strict=True)),
+        )
+        self.decoder = nn.ModuleList(
+            DecoderBlock(i, o, deconv_activation, dropout=j < 3)
+            for j, (i, o) in enumerate(zip(dec_in, DECODER_FILTERS, strict=True))
+        )
+        # Conv2D(n_channels, 4x4, dilation 2, "same"): symmetric padding 3.
+        self.output = nn.Conv2d(DECODER_FILTERS[-1], n_channels, 4, dilation=2, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Magnitudes (B, n_channels, T, F) → mask logits (B, n_channels, T, F)."""
+        skips = []
+        h = x
+        for i, block in enumerate(self.encoder):
+            conv = block.convolve(h)
+            skips.append(conv)
+            if i < len(self.encoder) - 1:  # the 6th activation is computed and discarded
+                h = block.activate(conv)
+        h = skips.pop()  # the decoder starts from the raw 6th convolution
+        for block in self.decoder:
+            h = block(h)
+            if skips:
+                h = torch.cat([skips.pop(), h], dim=1)  # skip first, as Keras concatenates
+        return self.output(h)
+
+
+class SpleeterModel(nn.Module):
+    """All instruments' U-Nets of a Spleeter model (``unet.unet`` or ``unet.softmax_unet``)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.instruments = tuple(config.instruments)
+        self.softmax = config.model_type == "unet.softmax_unet"
+        self.unets = nn.ModuleDict(
+            {
+                name: UNet(
+                    config.n_channels,
+                    conv_activation=config.conv_activation,
+                    deconv_activation=config.deconv_activation,
+                )
+                for name in self.instruments
+            }
+        )
+
+    def forward(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Magnitudes (B, n_channels, T, F) → estimates (B, n_instruments, n_channels, T, F)."""
+        logits = torch.stack([unet(magnitude) for unet in self.unets.values()], dim=1)
+        masks = torch.softmax(logits, dim=1) if self.softmax else torch.sigmoid(logits)
+        return masks * magnitude.unsqueeze(1)

@@ -1,0 +1,284 @@
+"""The ``Separator`` facade: Spleeter's Python API over the engine.
+
+``Separator('spleeter:2stems').separate(waveform)`` and ``separate_to_file(...)`` work
+as in the original; files are decoded, separated and encoded chunk by chunk, so memory
+does not grow with the length of the song.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import soxr
+import torch
+from safetensors.torch import load_file
+
+from splitstems import audio, hub
+from splitstems.config import ModelConfig, load_config
+from splitstems.engine import Engine
+from splitstems.errors import AudioError, CheckpointError, OutputError
+from splitstems.models.unet import SpleeterModel
+
+__all__ = ["Separator", "load_model", "output_paths", "DEFAULT_FILENAME_FORMAT"]
+
+DEFAULT_FILENAME_FORMAT = "{filename}/{instrument}.{codec}"
+#: Audio is decoded this many seconds at a time when separating files.
+CHUNK_SECONDS = 30.0
+
+
+def load_model(
+    descriptor: str | os.PathLike[str] | ModelConfig,
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    progress: bool = True,
+) -> tuple[SpleeterModel, ModelConfig]:
+    """Return the model (weights loaded, eval mode) and config for a name or JSON config."""
+    config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
+    weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
+    model = SpleeterModel(config)
+    state = load_file(str(weights))
+    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: does not fit {config.name} "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights}: does not fit {config.name} ({exc})") from None
+    return model.eval(), config
+
+
+def output_paths(
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    instruments: tuple[str, ...],
+    *,
+    codec: str = "wav",
+    filename_format: str = DEFAULT_FILENAME_FORMAT,
+) -> dict[str, Path]:
+    """Return instrument → output path, checked to stay inside ``destination``.
+
+    Keys of ``filename_format``: ``filename`` (the input's name without extension),
+    ``foldername`` (its folder's name), ``instrument`` and ``codec``.
+
+    Raises:
+        OutputError: a bad format, a path outside ``destination``, or two stems on one path.
+    """
+    src = Path(source)
+    root = Path(destination).resolve()
+    paths: dict[str, Path] = {}
+    for instrument in instruments:
+        try:
+            name = filename_format.format(
+                filename=src.stem,
+                foldername=src.resolve().parent.name,
+                instrument=instrument,
+                codec=codec,
+            )
+        except (KeyError, IndexError, ValueError) as exc:
+            raise OutputError(
+                f"{filename_format}: bad filename format ({exc!r}); keys are "
+                "{filename}, {foldername}, {instrument}, {codec}"
+            ) from None
+        path = (root / name).resolve()
+        if not name or path == root or not path.is_relative_to(root):
+            raise OutputError(f"{name}: output path would be outside the output directory {root}")
+        if path in paths.values():
+            raise OutputError(
+                f"{filename_format}: two stems would be written to {path} "
+                "(use {instrument} in the filename format)"
+            )
+        paths[instrument] = path
+    return paths
+
+
+class Separator:
+    """Separate audio into stems with a Spleeter model (the original's API).
+
+    Args:
+        params_descriptor: a model name (``spleeter:2stems``, ``spleeter:4stems-16kHz``...)
+            or the path of a Spleeter JSON config.
+        MWF: use the multichannel Wiener filter (not available yet: raises).
+        multiprocess: accepted for compatibility with Spleeter; unused.
+        model_dir: folder holding the weights (see :func:`splitstems.hub.resolve_weights`).
+        device: "cpu", "cuda", "mps" or None (automatic).
+        batch_segments: model segments computed at once (more is faster, uses more memory).
+        mask_extension: "zeros" or "average"; default: the config's.
+    """
+
+    def __init__(
+        self,
+        params_descriptor: str | os.PathLike[str] = "spleeter:2stems",
+        MWF: bool = False,  # noqa: N803 - the original's keyword
+        multiprocess: bool = True,
+        *,
+        model_dir: str | os.PathLike[str] | None = None,
+        device: str | torch.device | None = None,
+        batch_segments: int = 1,
+        mask_extension: str | None = None,
+        download: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if MWF:
+            raise NotImplementedError("the multichannel Wiener filter (MWF) is not available yet")
+        model, config = load_model(
+            params_descriptor, model_dir=model_dir, download=download, progress=progress
+        )
+        self.config = config
+        self.engine = Engine(
+            model,
+            config,
+            device=device,
+            batch_segments=batch_segments,
+            mask_extension=mask_extension,
+        )
+
+    @property
+    def instruments(self) -> tuple[str, ...]:
+        """The stems this separator produces, in order."""
+        return self.config.instruments
+
+    @property
+    def sample_rate(self) -> int:
+        """The model's sample rate (files are resampled to it)."""
+        return self.config.sample_rate
+
+    def separate(
+        self,
+        waveform: np.ndarray,
+        audio_descriptor: str | None = None,
+        *,
+        sample_rate: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Separate a waveform ``(n_samples, n_channels)`` (or mono ``(n_samples,)``).
+
+        ``sample_rate`` defaults to the model's (44.1 kHz); other rates are resampled for
+        the model and the stems resampled back, so they have the input's rate and length.
+        Returns instrument → ``(n_samples, 2)`` float32. ``audio_descriptor`` is ignored
+        (the original's signature).
+        """
+        data = np.asarray(waveform, dtype=np.float32)
+        if data.ndim == 1:
+            data = data[:, None]
+        if data.ndim != 2 or data.shape[0] == 0:
+            raise AudioError(f"waveform: expected (n_samples, n_channels) audio, got {data.shape}")
+        data = _fit_channels(data, self.config.n_channels)
+        rate = sample_rate or self.sample_rate
+        if rate != self.sample_rate:
+            data = soxr.resample(data, rate, self.sample_rate, quality="HQ").astype(np.float32)
+        stems = self.engine.separate(data)
+        if rate != self.sample_rate:
+            n = waveform.shape[0]
+            stems = {
+                k: _fit_length(soxr.resample(v, self.sample_rate, rate, quality="HQ"), n)
+                for k, v in stems.items()
+            }
+        return stems
+
+    def separate_to_file(
+        self,
+        audio_descriptor: str | os.PathLike[str],
+        destination: str | os.PathLike[str],
+        audio_adapter: object = None,
+        *,
+        offset: float = 0.0,
+        duration: float | None = None,
+        codec: str = "wav",
+        bitrate: str = "128k",
+        bit_depth: int | str = 16,
+        filename_format: str = DEFAULT_FILENAME_FORMAT,
+        synchronous: bool = True,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> dict[str, Path]:
+        """Separate an audio file and write one file per stem; return instrument → path.
+
+        The file is decoded, separated and encoded in chunks (memory stays bounded), every
+        stem is written to a temporary file and renamed only when complete. ``duration``
+        None means the whole file (the original stopped at 600 s). ``on_progress(seconds)``
+        is called with the seconds of audio done. ``audio_adapter`` and ``synchronous``
+        are accepted for compatibility with Spleeter and ignored.
+        """
+        source = Path(audio_descriptor)
+        paths = output_paths(
+            source,
+            destination,
+            self.instruments,
+            codec=codec,
+            filename_format=filename_format,
+        )
+        audio.probe(source)  # fail on a bad input before any output file is opened
+        chunks = audio.stream(
+            source,
+            chunk_samples=int(CHUNK_SECONDS * self.sample_rate),
+            offset=offset,
+            duration=duration,
+            sample_rate=self.sample_rate,
+            n_channels=self.config.n_channels,
+        )
+        seconds_per_segment = self.engine.segment_samples / self.sample_rate
+
+        def progress(n_segments: int) -> None:
+            if on_progress is not None:
+                on_progress(n_segments * seconds_per_segment)
+
+        with ExitStack() as stack:
+            writers = {
+                name: stack.enter_context(
+                    audio.AudioWriter(
+                        path,
+                        sample_rate=self.sample_rate,
+                        n_channels=self.config.n_channels,
+                        codec=codec,
+                        bitrate=bitrate,
+                        bit_depth=bit_depth,
+                    )
+                )
+                for name, path in paths.items()
+            }
+            n_written = 0
+            for stems in self.engine.stream(_checked(chunks, source), on_segments=progress):
+                for name, samples in stems.items():
+                    writers[name].write(samples)
+                n_written += next(iter(stems.values())).shape[0]
+            if n_written == 0:
+                raise AudioError(f"{source}: zero-length audio")
+        return paths
+
+
+def _checked(chunks: Iterator[np.ndarray], source: Path) -> Iterator[np.ndarray]:
+    """Pass chunks through, failing clearly if the decoder yields nothing at all."""
+    n = 0
+    for chunk in chunks:
+        n += chunk.shape[0]
+        yield chunk
+    if n == 0:
+        raise AudioError(f"{source}: zero-length audio")
+
+
+def _fit_channels(data: np.ndarray, n_channels: int) -> np.ndarray:
+    """Duplicate mono to ``n_channels``; keep the first ``n_channels`` of wider input."""
+    if data.shape[1] == n_channels:
+        return data
+    if data.shape[1] == 1:
+        return np.repeat(data, n_channels, axis=1)
+    if data.shape[1] > n_channels:
+        return data[:, :n_channels]
+    raise AudioError(f"waveform: cannot map {data.shape[1]} channels to {n_channels}")
+
+
+def _fit_length(data: np.ndarray, n: int) -> np.ndarray:
+    """Crop or zero-pad ``(samples, channels)`` to ``n`` samples, as float32."""
+    data = data[:n].astype(np.float32, copy=False)
+    if data.shape[0] < n:
+        data = np.pad(data, ((0, n - data.shape[0]), (0, 0)))
+    return data
