@@ -1,0 +1,174 @@
+"""The command line as users call it: Spleeter's flags, clear errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitstems import audio
+from splitstems.cli import main
+
+pytestmark = pytest.mark.usefixtures("use_shared_models")
+
+
+@pytest.fixture()
+def song(tmp_path: Path, rng) -> Path:
+    """A 3-second stereo WAV of tones and noise."""
+    t = np.arange(3 * 44100) / 44100
+    left = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)
+    right = 0.3 * np.sin(2 * np.pi * 660 * t)
+    path = tmp_path / "in" / "song.wav"
+    audio.save(path, np.stack([left, right], 1).astype(np.float32), sample_rate=44100)
+    return path
+
+
+def run(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def outputs(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_separate_writes_stems(song, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("separate", "-p", "spleeter:2stems", "-o", out, song) == 0
+    assert outputs(out) == ["song/accompaniment.wav", "song/vocals.wav"]
+    assert audio.load(out / "song" / "vocals.wav").shape == (3 * 44100, 2)
+    assert "song.wav" in capsys.readouterr().out
+
+
+def test_codec_bitrate_and_filename_format(song, tmp_path):
+    out = tmp_path / "out"
+    code = run(
+        "separate",
+        "-o",
+        out,
+        "-c",
+        "mp3",
+        "-b",
+        "192k",
+        "-f",
+        "{foldername}-{filename}_{instrument}.{codec}",
+        song,
+    )
+    assert code == 0
+    assert outputs(out) == ["in-song_accompaniment.mp3", "in-song_vocals.mp3"]
+
+
+def test_offset_duration_and_16khz_model(song, tmp_path):
+    out = tmp_path / "out"
+    assert (
+        run("separate", "-p", "spleeter:2stems-16kHz", "-s", "1", "-d", "1.5", "-o", out, song) == 0
+    )
+    assert audio.load(out / "song" / "vocals.wav").shape == (66150, 2)
+
+
+def test_several_inputs_one_bad(song, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.mp3"
+    code = run("separate", "-o", out, missing, song)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "missing.mp3" in err and "1 of 2 files failed" in err
+    assert outputs(out) == ["song/accompaniment.wav", "song/vocals.wav"]
+
+
+def _bad_files(tmp_path: Path, song: Path) -> dict[str, Path]:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.wav").write_bytes(b"")
+    (bad / "notes.mp3").write_text("these are not sounds\n" * 50)
+    (bad / "folder.wav").mkdir()
+    truncated = bad / "truncated.wav"
+    truncated.write_bytes(song.read_bytes()[:30])
+    with wave.open(str(bad / "silent.wav"), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+    return {
+        "missing": bad / "missing.wav",
+        "empty": bad / "empty.wav",
+        "not audio": bad / "notes.mp3",
+        "directory": bad / "folder.wav",
+        "truncated": truncated,
+        "zero-length": bad / "silent.wav",
+    }
+
+
+def test_bad_inputs_give_one_line_errors_and_no_files(song, tmp_path, capsys):
+    for kind, path in _bad_files(tmp_path, song).items():
+        out = tmp_path / f"out-{kind}"
+        code = run("separate", "-o", out, path)
+        err = capsys.readouterr().err.strip()
+        assert code == 1, kind
+        lines = err.splitlines()
+        assert lines[0].startswith("error: ") and path.name in lines[0], (kind, err)
+        assert "Traceback" not in err
+        assert not out.exists() or outputs(out) == [], kind
+
+
+def test_unwritable_output_directory(song, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert run("separate", "-o", blocker / "out", song) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "file.txt" in err
+
+
+def test_filename_format_outside_output(song, tmp_path, capsys):
+    code = run("separate", "-o", tmp_path / "out", "-f", "../../{instrument}.wav", song)
+    assert code == 2
+    assert "outside the output directory" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.wav"))
+
+
+def test_unknown_model_and_broken_config(song, tmp_path, capsys):
+    assert run("separate", "-p", "spleeter:3stems", "-o", tmp_path, song) == 2
+    assert "spleeter:3stems: unknown model" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"instrument_list": ["vocals", ')
+    assert run("separate", "-p", broken, "-o", tmp_path, song) == 2
+    err = capsys.readouterr().err
+    assert "broken.json" in err and "invalid JSON" in err
+
+
+def test_models_lists_every_released_model(capsys):
+    assert run("models") == 0
+    out = capsys.readouterr().out
+    for name in ("2stems", "4stems", "5stems", "2stems-16kHz", "4stems-16kHz", "5stems-16kHz"):
+        assert f"spleeter:{name} " in out
+    line = next(x for x in out.splitlines() if x.startswith("spleeter:2stems "))
+    assert "available" in line and "vocals, accompaniment" in line
+
+
+def test_convert_writes_safetensors(shared_dir, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert run("convert", shared_dir / "models" / "spleeter" / "2stems", "-o", out) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    # The converted folder is a model of its own: -p takes its config.
+    song_dir = tmp_path / "sep"
+    wav = tmp_path / "tone.wav"
+    audio.save(wav, np.full((44100, 2), 0.1, np.float32), sample_rate=44100)
+    assert run("separate", "-p", out / "config.json", "-o", song_dir, wav) == 0
+    assert outputs(song_dir) == ["tone/accompaniment.wav", "tone/vocals.wav"]
+
+
+def test_console_script_runs(song, tmp_path, model_env):
+    env = {**os.environ, **model_env}
+    exe = Path(sys.executable).with_name("splitstems")
+    result = subprocess.run(
+        [str(exe), "separate", "-o", str(tmp_path / "o"), str(song)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "o" / "song" / "vocals.wav").is_file()

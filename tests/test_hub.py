@@ -1,0 +1,327 @@
+"""Model lookup, cache and download, without the network.
+
+Release archives are rebuilt from the shared 2stems checkpoint and served from
+``file://`` URLs and a local HTTP server on 127.0.0.1; the registry's sha256 is patched
+to the test archive's. Every test uses its own ``SPLITSTEMS_CACHE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import http.server
+import io
+import json
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splitstems import hub
+from splitstems.config import load_config
+from splitstems.errors import DownloadError, ModelError
+
+FILES = ("checkpoint", "model.data-00000-of-00001", "model.index", "model.meta")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("SPLITSTEMS_CACHE", str(path))
+    monkeypatch.delenv("SPLITSTEMS_MODEL_DIR", raising=False)
+    monkeypatch.setenv("SPLITSTEMS_DOWNLOAD_URL", "http://127.0.0.1:9/unreachable")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint_2stems(shared_dir: Path) -> Path:
+    return shared_dir / "models" / "spleeter" / "2stems"
+
+
+def _build_archive(path: Path, members: dict[str, Path | bytes]) -> str:
+    """Write a .tar.gz (stored deflate: fast) and return its sha256."""
+    with tarfile.open(path, "w:gz", compresslevel=0) as tar:
+        for arcname, source in members.items():
+            if isinstance(source, Path):
+                tar.add(source, arcname=arcname)
+            else:
+                info = tarfile.TarInfo(arcname)
+                info.size = len(source)
+                tar.addfile(info, io.BytesIO(source))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory, checkpoint_2stems: Path) -> Path:
+    """Test release assets: ``root/`` (files at the archive root, as Deezer's), ``nested/``
+    (a ``./2stems/`` top folder) and ``evil/`` (a ``../evil`` member)."""
+    folder = tmp_path_factory.mktemp("releases")
+    layouts: dict[str, dict[str, Path | bytes]] = {
+        "root": {name: checkpoint_2stems / name for name in FILES},
+        "nested": {f"./2stems/{name}": checkpoint_2stems / name for name in FILES},
+        "evil": {"model.index": b"x", "../evil": b"pwned"},
+    }
+    sums = {}
+    for kind, members in layouts.items():
+        (folder / kind).mkdir()
+        sums[kind] = _build_archive(folder / kind / "2stems.tar.gz", members)
+    (folder / "sums.json").write_text(json.dumps(sums))
+    return folder
+
+
+def _use_release(monkeypatch: pytest.MonkeyPatch, releases: Path, kind: str, base: str) -> None:
+    sums = json.loads((releases / "sums.json").read_text())
+    monkeypatch.setitem(
+        hub.REGISTRY, "2stems", dataclasses.replace(hub.REGISTRY["2stems"], sha256=sums[kind])
+    )
+    monkeypatch.setenv("SPLITSTEMS_DOWNLOAD_URL", base)
+
+
+@pytest.fixture()
+def server(releases: Path) -> Iterator[tuple[str, list[str]]]:
+    """Serve ``releases`` on 127.0.0.1; yields (base URL, list of requested paths)."""
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(releases))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _cache_entries(cache: Path) -> set[str]:
+    if not cache.exists():
+        return set()
+    return {p.name for p in cache.iterdir()} - {".locks"}
+
+
+# --------------------------------------------------------------------------- download
+
+
+def test_download_from_file_url_converts_into_the_cache(
+    releases: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use_release(monkeypatch, releases, "root", (releases / "root").as_uri())
+    path = hub.download_checkpoint("2stems", progress=False)
+    assert path == cache / "2stems" / "model.safetensors"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.safetensors"]
+    assert load_config(path.parent / "config.json").instruments == ("vocals", "accompaniment")
+    assert _cache_entries(cache) == {"2stems"}  # no temp files left behind
+    # Both 2stems configs resolve to it now, without any network.
+    monkeypatch.setenv("SPLITSTEMS_DOWNLOAD_URL", "http://127.0.0.1:9/unreachable")
+    for name in ("spleeter:2stems", "spleeter:2stems-16kHz"):
+        assert hub.resolve_weights(load_config(name), download=False) == path
+
+
+def test_download_over_http_once_then_cached(
+    releases: Path,
+    cache: Path,
+    server: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base, requests = server
+    _use_release(monkeypatch, releases, "nested", f"{base}/nested/")
+    config = load_config("spleeter:2stems")
+    first = hub.resolve_weights(config, progress=False)
+    assert first == cache / "2stems" / "model.safetensors"
+    assert requests == ["/nested/2stems.tar.gz"]
+    assert hub.resolve_weights(config, progress=False) == first
+    assert hub.download_checkpoint("spleeter:2stems-16kHz", progress=False) == first
+    assert len(requests) == 1
+
+
+def test_concurrent_downloads_fetch_once(
+    releases: Path,
+    cache: Path,
+    server: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base, requests = server
+    _use_release(monkeypatch, releases, "root", f"{base}/root")
+    barrier = threading.Barrier(3)
+    results: list[Path | BaseException] = []
+
+    def fetch() -> None:
+        barrier.wait()
+        try:
+            results.append(hub.download_checkpoint("2stems", progress=False))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [cache / "2stems" / "model.safetensors"] * 3
+    assert requests == ["/root/2stems.tar.gz"]
+
+
+def test_wrong_sha256_fails_and_leaves_nothing(
+    releases: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use_release(monkeypatch, releases, "root", (releases / "root").as_uri())
+    good = hub.REGISTRY["2stems"].sha256
+    monkeypatch.setitem(
+        hub.REGISTRY, "2stems", dataclasses.replace(hub.REGISTRY["2stems"], sha256="0" * 64)
+    )
+    with pytest.raises(DownloadError, match=f"expected {'0' * 64}, got {good}"):
+        hub.download_checkpoint("2stems", progress=False)
+    assert _cache_entries(cache) == set()
+
+
+def test_archive_escaping_its_folder_is_refused(
+    releases: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _use_release(monkeypatch, releases, "evil", (releases / "evil").as_uri())
+    with pytest.raises(DownloadError, match=r"unsafe archive member '\.\./evil'"):
+        hub.download_checkpoint("2stems", progress=False)
+    assert _cache_entries(cache) == set()
+    assert not (cache / "evil").exists() and not (tmp_path / "evil").exists()
+
+
+def test_archive_with_a_link_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("model.index")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(DownloadError, match="links and special files"):
+        hub._safe_extract(archive, tmp_path / "out", source="test")
+
+
+def test_offline_without_cache_explains_where_to_put_files(cache: Path) -> None:
+    config = load_config("spleeter:2stems")
+    with pytest.raises(ModelError) as info:
+        hub.resolve_weights(config, progress=False)
+    message = str(info.value)
+    assert "could not download 2stems from http://127.0.0.1:9/unreachable/2stems.tar.gz" in message
+    assert f"put the files in {cache / '2stems'}" in message
+    assert "SPLITSTEMS_MODEL_DIR" in message and "2stems/model.index" in message
+    with pytest.raises(ModelError, match="downloading is disabled.*SPLITSTEMS_MODEL_DIR"):
+        hub.resolve_weights(config, download=False)
+    assert _cache_entries(cache) == set()
+
+
+def test_download_url_and_cache_dir_follow_the_environment(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert hub.cache_dir() == cache
+    monkeypatch.delenv("SPLITSTEMS_DOWNLOAD_URL")
+    assert hub.download_url("spleeter:4stems-16kHz") == (
+        "https://github.com/deezer/spleeter/releases/download/v1.4.0/4stems.tar.gz"
+    )
+    monkeypatch.setenv("SPLITSTEMS_DOWNLOAD_URL", "https://mirror.example/spleeter/")
+    assert hub.download_url("5stems") == "https://mirror.example/spleeter/5stems.tar.gz"
+    with pytest.raises(ModelError, match="no released checkpoint"):
+        hub.download_checkpoint("7stems")
+
+
+# --------------------------------------------------------------------------- local folders
+
+
+def test_model_dir_env_with_pretrained_models_layout(
+    shared_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPLITSTEMS_MODEL_DIR", str(shared_dir / "models" / "spleeter"))
+    first = hub.resolve_weights(load_config("spleeter:2stems"), download=False)
+    assert first.parent.parent == cache / "converted"
+    assert load_config(first.parent / "config.json").F == 1024  # the base config
+    mtime = first.stat().st_mtime_ns
+    monkeypatch.setattr(
+        "splitstems.convert.convert_checkpoint",
+        lambda *a, **k: pytest.fail("converted twice"),
+    )
+    second = hub.resolve_weights(load_config("spleeter:2stems-16kHz"), download=False)
+    assert second == first and second.stat().st_mtime_ns == mtime
+    available = {m.name: m.available for m in hub.list_models()}
+    assert available == {
+        "spleeter:2stems": True,
+        "spleeter:4stems": False,
+        "spleeter:5stems": False,
+        "spleeter:2stems-16kHz": True,
+        "spleeter:4stems-16kHz": False,
+        "spleeter:5stems-16kHz": False,
+    }
+
+
+def test_changed_checkpoint_is_converted_again(
+    checkpoint_2stems: Path, cache: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in FILES:
+        (folder / name).symlink_to(checkpoint_2stems / name)
+    config = load_config("spleeter:2stems")
+    # model_dir may also point at the checkpoint folder itself.
+    first = hub.resolve_weights(config, model_dir=folder, download=False)
+    (folder / "model.index").unlink()
+    (folder / "model.index").write_bytes((checkpoint_2stems / "model.index").read_bytes())
+    second = hub.resolve_weights(config, model_dir=folder, download=False)
+    assert second != first and second.is_file() and first.is_file()
+
+
+def test_folder_with_converted_files_is_used_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        "splitstems.convert.convert_checkpoint", lambda *a, **k: pytest.fail("no conversion")
+    )
+    models = tmp_path / "models"
+    (models / "2stems").mkdir(parents=True)
+    (models / "2stems" / "model.safetensors").write_bytes(b"weights")
+    config = load_config("spleeter:2stems-16kHz")
+    assert hub.resolve_weights(config, model_dir=models) == models / "2stems" / "model.safetensors"
+    monkeypatch.setenv("SPLITSTEMS_MODEL_DIR", str(models))
+    assert hub.resolve_weights(config) == models / "2stems" / "model.safetensors"
+    # A folder holding the files directly; a config.json for other instruments is skipped.
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    (direct / "model.safetensors").write_bytes(b"weights")
+    assert hub.resolve_weights(config, model_dir=direct) == direct / "model.safetensors"
+    (direct / "config.json").write_text(json.dumps(load_config("spleeter:4stems").to_json_dict()))
+    with pytest.raises(ModelError, match=f"looked in: .*{direct}"):
+        hub.resolve_weights(config, model_dir=direct, download=False)
+
+
+def test_json_config_finds_weights_next_to_it_or_in_its_model_dir(
+    checkpoint_2stems: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = load_config("spleeter:2stems").to_json_dict() | {"model_dir": "my_model"}
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "mine.json").write_text(json.dumps(data))
+    config = load_config(cfg_dir / "mine.json")
+    with pytest.raises(ModelError, match="not a released model"):
+        hub.resolve_weights(config)
+    # Spleeter's training output layout in <config folder>/<model_dir>: converted once.
+    (cfg_dir / "my_model").mkdir()
+    for name in FILES:
+        (cfg_dir / "my_model" / name).symlink_to(checkpoint_2stems / name)
+    converted = hub.resolve_weights(config)
+    assert converted.name == "model.safetensors" and converted.parent.name.startswith("my_model-")
+    # model_dir relative to the working directory.
+    monkeypatch.chdir(tmp_path)
+    (cfg_dir / "my_model").rename(tmp_path / "my_model")
+    moved = hub.resolve_weights(config)  # another path: another conversion
+    assert moved != converted and moved.parent.name.startswith("my_model-")
+    # Converted weights next to the config win.
+    (cfg_dir / "model.safetensors").write_bytes(b"weights")
+    assert hub.resolve_weights(config) == cfg_dir / "model.safetensors"
