@@ -142,8 +142,9 @@ def _lock(name: str):  # -> filelock.FileLock (imported lazily)
 
 def _offline_hint(name: str) -> str:
     return (
-        f"offline? put the files in {cache_dir() / name} or set SPLITSTEMS_MODEL_DIR to a "
-        f"folder holding {name}/{_INDEX} (Spleeter's pretrained_models layout)"
+        f"offline? unpack {name}.tar.gz from the Spleeter release into <dir>/{name}/ "
+        f"(Spleeter's pretrained_models layout, with {_INDEX}) and pass --model-dir <dir> "
+        "or set SPLITSTEMS_MODEL_DIR=<dir>"
     )
 
 
