@@ -9,7 +9,7 @@ import pytest
 
 from splitstems import audio
 from splitstems.errors import AudioError, OutputError
-from splitstems.separator import output_paths
+from splitstems.separator import Separator, output_paths
 
 REFERENCES = [
     "BKS_Too_Much",
@@ -36,6 +36,18 @@ def test_separate_matches_original_spleeter(separator_2stems, shared_dir, name):
         reference = audio.load(ref_dir / "2stems" / "plain" / name / f"{instrument}.flac")
         assert estimate.shape == reference.shape == waveform.shape
         assert sdr(reference, estimate) >= MIN_SDR_DB, (name, instrument)
+
+
+@pytest.mark.usefixtures("use_shared_models")
+def test_fast_mode_stays_within_40_db_of_faithful(separator_2stems, shared_dir):
+    fast = Separator("spleeter:2stems", device="cpu", precision="fast")
+    ref_dir = shared_dir / "audio" / "reference" / "inputs"
+    for name in REFERENCES:
+        waveform = audio.load(ref_dir / f"{name}.wav")
+        faithful = separator_2stems.separate(waveform)
+        quick = fast.separate(waveform)
+        for instrument in faithful:
+            assert sdr(faithful[instrument], quick[instrument]) >= 40.0, (name, instrument)
 
 
 def test_reference_spanning_two_segments_is_long_enough(shared_dir, separator_2stems):

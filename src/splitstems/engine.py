@@ -18,9 +18,14 @@ import torch
 
 from splitstems import dsp
 from splitstems.config import ModelConfig
+from splitstems.models.fast import fuse_for_inference
 from splitstems.models.unet import SpleeterModel
 
-__all__ = ["pick_device", "Engine"]
+__all__ = ["pick_device", "Engine", "PRECISIONS"]
+
+#: Model precisions: "float32" is faithful to the original; "fast" is bfloat16 on the CPU
+#: and float16 on GPUs.
+PRECISIONS = ("float32", "fast")
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -51,6 +56,10 @@ class Engine:
         device: where to compute (see :func:`pick_device`).
         batch_segments: how many ``T``-frame segments go through the model at once.
         mask_extension: override the config's mask extension ("zeros" or "average").
+        precision: "float32" (faithful, the default) or "fast" (bfloat16 on the CPU,
+            float16 on GPUs; masks, STFT and iSTFT stay float32).
+        fuse: run the fused inference form of the model (:mod:`splitstems.models.fast`);
+            False runs the plain modules (the reference, slower).
     """
 
     def __init__(
@@ -61,10 +70,18 @@ class Engine:
         device: torch.device | str | None = None,
         batch_segments: int = 1,
         mask_extension: str | None = None,
+        precision: str = "float32",
+        fuse: bool = True,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.config = config
         self.device = device if isinstance(device, torch.device) else pick_device(device)
-        self.model = model.to(self.device).eval()
+        self.dtype = torch.float32
+        if precision == "fast":
+            self.dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        network = fuse_for_inference(model) if fuse else model.eval()
+        self.model = network.to(device=self.device, dtype=self.dtype)
         self.batch_segments = max(1, int(batch_segments))
         self.mask_extension = mask_extension or config.mask_extension
         self.window = dsp.hann_window(config.frame_length, device=self.device)
@@ -184,7 +201,7 @@ class Engine:
         magnitude = torch.nn.functional.pad(magnitude, (0, 0, 0, pad))
         # (C, S*T, F) → (S, C, T, F)
         batch = magnitude.reshape(n_channels, n_segments, cfg.T, cfg.F).transpose(0, 1)
-        estimates = self.model(batch)  # (S, I, C, T, F)
+        estimates = self.model(batch.to(self.dtype)).float()  # (S, I, C, T, F)
         estimates = estimates.permute(1, 2, 0, 3, 4).reshape(
             len(self.instruments), n_channels, n_segments * cfg.T, cfg.F
         )[:, :, :n_frames]

@@ -114,6 +114,10 @@ class Separator:
         device: "cpu", "cuda", "mps" or None (automatic).
         batch_segments: model segments computed at once (more is faster, uses more memory).
         mask_extension: "zeros" or "average"; default: the config's.
+        precision: "float32" (faithful to the original, the default) or "fast"
+            (bfloat16 on the CPU, float16 on GPUs: about 45 dB from the faithful output).
+        download: whether missing released weights may be downloaded.
+        progress: show a progress bar while downloading.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class Separator:
         device: str | torch.device | None = None,
         batch_segments: int = 1,
         mask_extension: str | None = None,
+        precision: str = "float32",
         download: bool = True,
         progress: bool = True,
     ) -> None:
@@ -141,6 +146,7 @@ class Separator:
             device=device,
             batch_segments=batch_segments,
             mask_extension=mask_extension,
+            precision=precision,
         )
 
     @property

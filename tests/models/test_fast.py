@@ -1,0 +1,56 @@
+"""The fused inference form computes what the plain U-Nets compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from splitstems.config import load_config
+from splitstems.models.fast import fuse_for_inference, polyphase_weight
+from splitstems.models.unet import SpleeterModel
+
+
+@pytest.mark.parametrize("n_in,n_out", [(4, 3), (3, 1)])
+def test_polyphase_equals_cropped_transposed_conv(n_in, n_out):
+    torch.manual_seed(0)
+    deconv = torch.nn.ConvTranspose2d(n_in, n_out, 5, stride=2)
+    x = torch.randn(2, n_in, 6, 10)
+    expected = deconv(x)[..., 1:13, 1:21]
+    poly = F.conv2d(
+        F.pad(x, (1, 1, 1, 1)), polyphase_weight(deconv.weight), deconv.bias.repeat_interleave(4)
+    )
+    torch.testing.assert_close(F.pixel_shuffle(poly, 2), expected, rtol=1e-5, atol=1e-5)
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    # Fresh BatchNorms are identities; give them real statistics so fusing is tested.
+    gen = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("name", ["spleeter:2stems", "spleeter:4stems", "spleeter:5stems"])
+def test_fused_model_matches_plain_model(name):
+    torch.manual_seed(0)
+    model = SpleeterModel(load_config(name)).eval()
+    _randomise_batchnorm(model)
+    fast = fuse_for_inference(model)
+    x = torch.rand(2, 2, 64, 128) * 2
+    with torch.inference_mode():
+        expected, got = model(x), fast(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_model_moves_with_to():
+    model = SpleeterModel(load_config("spleeter:2stems")).eval()
+    fast = fuse_for_inference(model).to(dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = fast(torch.rand(1, 2, 64, 64, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
