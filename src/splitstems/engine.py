@@ -18,7 +18,7 @@ import torch
 
 from splitstems import dsp
 from splitstems.config import ModelConfig
-from splitstems.models.fast import fuse_for_inference
+from splitstems.models.fast import FastSpleeterModel, fuse_for_inference
 from splitstems.models.unet import SpleeterModel
 
 __all__ = ["pick_device", "Engine", "PRECISIONS"]
@@ -26,6 +26,8 @@ __all__ = ["pick_device", "Engine", "PRECISIONS"]
 #: Model precisions: "float32" is faithful to the original; "fast" is bfloat16 on the CPU
 #: and float16 on GPUs.
 PRECISIONS = ("float32", "fast")
+#: Longest cross-fade, in STFT frames (~0.74 s at 44.1 kHz), between overlapping segments.
+CROSSFADE_FRAMES = 32
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -51,26 +53,29 @@ class Engine:
     """Streams a waveform through a Spleeter model, segment by segment.
 
     Args:
-        model: the model, already loaded with weights.
+        model: the model, already loaded with weights (or its fused inference form).
         config: its configuration (STFT parameters, ``T``, ``F``, mask extension).
         device: where to compute (see :func:`pick_device`).
         batch_segments: how many ``T``-frame segments go through the model at once.
         mask_extension: override the config's mask extension ("zeros" or "average").
         precision: "float32" (faithful, the default) or "fast" (bfloat16 on the CPU,
             float16 on GPUs; masks, STFT and iSTFT stay float32).
+        overlap: fraction of a segment by which consecutive segments overlap (0 = the
+            original's grid); see :meth:`segment_weights` for how they are joined.
         fuse: run the fused inference form of the model (:mod:`splitstems.models.fast`);
             False runs the plain modules (the reference, slower).
     """
 
     def __init__(
         self,
-        model: SpleeterModel,
+        model: SpleeterModel | FastSpleeterModel,
         config: ModelConfig,
         *,
         device: torch.device | str | None = None,
         batch_segments: int = 1,
         mask_extension: str | None = None,
         precision: str = "float32",
+        overlap: float = 0.0,
         fuse: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
@@ -80,7 +85,13 @@ class Engine:
         self.dtype = torch.float32
         if precision == "fast":
             self.dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        network = fuse_for_inference(model) if fuse else model.eval()
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        self.overlap_frames = round(overlap * config.T)
+        if isinstance(model, FastSpleeterModel) or not fuse:
+            network = model.eval()
+        else:
+            network = fuse_for_inference(model)
         self.model = network.to(device=self.device, dtype=self.dtype)
         self.batch_segments = max(1, int(batch_segments))
         self.mask_extension = mask_extension or config.mask_extension
@@ -122,92 +133,188 @@ class Engine:
         is the separation of the concatenated input, same length. ``on_segments(k)`` is
         called after each model batch of ``k`` segments (for progress bars).
         """
-        cfg = self.config
-        hop, n_fft, seg_frames = cfg.frame_step, cfg.frame_length, cfg.T
-        overlap = n_fft - hop
-        # Input buffer in "padded" coordinates: Spleeter prepends a frame of zeros.
-        pending = [torch.zeros(cfg.n_channels, n_fft)]
-        pending_len = n_fft
-        frame0 = 0  # first frame not yet computed; the buffer starts at sample frame0 * hop
-        n_input = 0
-        tail: torch.Tensor | None = None  # overlap-add tail of the last block (C, overlap)
-        emitted = 0  # output samples (padded coordinates) emitted or skipped so far
-        block_frames = seg_frames * self.batch_segments
-        block_samples = (block_frames - 1) * hop + n_fft
-
-        def emit(samples: torch.Tensor, end: int) -> Iterator[dict[str, np.ndarray]]:
-            # samples: (I, C, n) covering padded positions [emitted, end); drop the zeros frame.
-            nonlocal emitted
-            start = max(emitted, n_fft)
-            keep = samples[..., start - emitted :]
-            emitted = end
-            if keep.shape[-1]:
-                host = keep.float().cpu().numpy()
-                yield {
-                    name: np.ascontiguousarray(host[i].T) for i, name in enumerate(self.instruments)
-                }
-
-        def run(block: torch.Tensor, n_frames: int) -> torch.Tensor:
-            # block: (C, samples) holding exactly the samples of frames [frame0, frame0+n_frames)
-            nonlocal tail
-            n_segments = -(-n_frames // seg_frames)
-            spec = dsp.stft_frames(block.to(self.device), self.window, frame_step=hop)
-            out = self._separate_spectrum(spec, n_segments)  # (I, C, n_frames, n_bins)
-            frames = dsp.istft_frames(out, self.window)
-            signal = dsp.overlap_add(frames, frame_step=hop)  # (I, C, (n-1)*hop + n_fft)
-            if tail is not None:
-                signal[..., :overlap] += tail
-            tail = signal[..., -overlap:].clone()
-            if on_segments is not None:
-                on_segments(n_segments)
-            return signal[..., :-overlap]
-
+        state = _StreamState(self, on_segments)
+        piece = self.batch_segments * self.segment_samples
         for chunk in chunks:
             array = np.asarray(chunk, dtype=np.float32)
-            if array.ndim != 2 or array.shape[1] != cfg.n_channels:
+            if array.ndim != 2 or array.shape[1] != self.config.n_channels:
                 raise ValueError(
-                    f"expected a (n_samples, {cfg.n_channels}) waveform, got {array.shape}"
+                    f"expected a (n_samples, {self.config.n_channels}) waveform, got {array.shape}"
                 )
-            if not array.shape[0]:
-                continue
-            pending.append(torch.from_numpy(array.T.copy()))
-            pending_len += array.shape[0]
-            n_input += array.shape[0]
-            while pending_len >= block_samples:
-                buffer = torch.cat(pending, dim=1)
-                signal = run(buffer[:, :block_samples], block_frames)
-                frame0 += block_frames
-                rest = buffer[:, block_frames * hop :]
-                pending, pending_len = [rest], rest.shape[1]
-                yield from emit(signal, frame0 * hop)
-        if n_input == 0:
-            return
-        total_frames = dsp.n_frames_for(n_input, frame_length=n_fft, frame_step=hop)
-        n_frames = total_frames - frame0
-        buffer = torch.cat(pending, dim=1)
-        padded_len = (n_frames - 1) * hop + n_fft
-        buffer = torch.nn.functional.pad(buffer, (0, padded_len - buffer.shape[1]))
-        signal = run(buffer, n_frames)
-        signal = torch.cat([signal, tail], dim=-1)  # the final block's tail is complete
-        end = n_fft + n_input
-        yield from emit(signal[..., : end - emitted], end)
+            for begin in range(0, array.shape[0], piece):  # bounded work per step
+                yield from state.feed(array[begin : begin + piece])
+        yield from state.finish()
 
-    def _separate_spectrum(self, spec: torch.Tensor, n_segments: int) -> torch.Tensor:
-        """Mixture STFT (C, n_frames, n_bins) → separated STFTs (I, C, n_frames, n_bins)."""
+    def segment_weights(self) -> torch.Tensor:
+        """Cross-fade weights of one segment's frames, shape (T,).
+
+        A U-Net sees less context near a segment's edges and is less reliable there, so
+        where two segments overlap, each frame is taken from the segment in which it lies
+        more centrally: the overlap is split at its middle, with a linear cross-fade of
+        ``min(overlap, CROSSFADE_FRAMES)`` frames. Weights never reach zero, so the first
+        and last frames of a stream (covered by one segment only) stay defined.
+        """
         cfg = self.config
-        n_channels, n_frames, n_bins = spec.shape
-        magnitude = spec.abs()[..., : cfg.F]
-        pad = n_segments * cfg.T - n_frames
-        magnitude = torch.nn.functional.pad(magnitude, (0, 0, 0, pad))
-        # (C, S*T, F) → (S, C, T, F)
-        batch = magnitude.reshape(n_channels, n_segments, cfg.T, cfg.F).transpose(0, 1)
-        estimates = self.model(batch.to(self.dtype)).float()  # (S, I, C, T, F)
-        estimates = estimates.permute(1, 2, 0, 3, 4).reshape(
-            len(self.instruments), n_channels, n_segments * cfg.T, cfg.F
-        )[:, :, :n_frames]
-        masks = dsp.ratio_masks(estimates, exponent=cfg.separation_exponent)
-        masks = dsp.extend_mask(masks, n_bins=n_bins, mode=self.mask_extension)
+        fade = min(self.overlap_frames, CROSSFADE_FRAMES)
+        t = torch.arange(cfg.T, dtype=torch.float32, device=self.device)
+        distance = torch.minimum(t, cfg.T - 1 - t)  # frames to the nearest edge
+        start = (self.overlap_frames - fade) / 2
+        return ((distance - start + 0.5) / fade).clamp(1e-3, 1.0)
+
+    def estimate(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Model estimates for segments (S, C, T, F) → (S, I, C, T, F), float32."""
+        return self.model(magnitude.to(self.dtype)).float()
+
+    def apply_masks(self, estimates: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
+        """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs (I, C, n, bins)."""
+        masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
+        masks = dsp.extend_mask(masks, n_bins=spec.shape[-1], mode=self.mask_extension)
         return masks * spec.unsqueeze(0)
+
+
+class _StreamState:
+    """The state of one stream through an :class:`Engine`.
+
+    Frames are counted from the start of the padded signal (Spleeter prepends
+    ``frame_length`` zeros).
+
+    Samples → STFT frames → model segments (every ``T - overlap`` frames, their estimates
+    cross-faded when they overlap) → masks on frames no later segment can touch →
+    iSTFT, overlap-added with the tail carried from the previous step → output samples.
+    """
+
+    def __init__(self, engine: Engine, on_segments: Callable[[int], None] | None) -> None:
+        cfg = engine.config
+        self.engine, self.on_segments = engine, on_segments
+        self.hop, self.n_fft, self.T = cfg.frame_step, cfg.frame_length, cfg.T
+        self.step = cfg.T - engine.overlap_frames  # frames between segment starts
+        self.weights = engine.segment_weights() if engine.overlap_frames else None
+        device, n_ch, n_inst = engine.device, cfg.n_channels, len(cfg.instruments)
+        self.samples = torch.zeros(n_ch, self.n_fft)  # padded coords from frame self.frame0
+        self.n_input = 0
+        self.frame0 = 0  # first frame of spec / acc / weight_sum, not yet output
+        self.spec = torch.zeros(n_ch, 0, cfg.n_bins, dtype=torch.complex64, device=device)
+        self.acc = torch.zeros(n_inst, n_ch, 0, cfg.F, device=device)
+        self.weight_sum = torch.zeros(0, device=device)
+        self.next_segment = 0  # start frame of the next model segment
+        self.tail = torch.zeros(n_inst, n_ch, self.n_fft - self.hop, device=device)
+        self.emitted = 0  # output samples (padded coords) emitted or skipped
+
+    @property
+    def n_frames_in(self) -> int:
+        """Frames computed so far (absolute count)."""
+        return self.frame0 + self.spec.shape[1]
+
+    def feed(self, array: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        if not array.shape[0]:
+            return
+        self.n_input += array.shape[0]
+        self.samples = torch.cat([self.samples, torch.from_numpy(array.T.copy())], dim=1)
+        self._compute_frames()
+        self._run_segments(total_frames=None)
+        yield from self._output(self.next_segment)
+
+    def finish(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.n_input == 0:
+            return
+        total = dsp.n_frames_for(self.n_input, frame_length=self.n_fft, frame_step=self.hop)
+        need = (total - self.n_frames_in - 1) * self.hop + self.n_fft  # pad_end zeros
+        self.samples = torch.nn.functional.pad(self.samples, (0, need - self.samples.shape[1]))
+        self._compute_frames()
+        self._run_segments(total_frames=total)
+        yield from self._output(total)
+        end = self.n_fft + self.n_input
+        yield from self._emit(self.tail[..., : end - self.emitted], end)
+
+    def _compute_frames(self) -> None:
+        n_new = (self.samples.shape[1] - self.n_fft) // self.hop + 1
+        if n_new <= 0:
+            return
+        used = (n_new - 1) * self.hop + self.n_fft
+        block = self.samples[:, :used].to(self.engine.device)
+        spec = dsp.stft_frames(block, self.engine.window, frame_step=self.hop)
+        self.samples = self.samples[:, n_new * self.hop :]
+        self.spec = torch.cat([self.spec, spec], dim=1)
+        acc_pad = (0, 0, 0, n_new)
+        self.acc = torch.nn.functional.pad(self.acc, acc_pad)
+        self.weight_sum = torch.nn.functional.pad(self.weight_sum, (0, n_new))
+
+    def _run_segments(self, *, total_frames: int | None) -> None:
+        """Run every segment whose frames are all known (at the end: all that remain)."""
+        starts = []
+        while True:
+            start = self.next_segment
+            ready = (
+                start < total_frames
+                if total_frames is not None
+                else start + self.T <= self.n_frames_in
+            )
+            if not ready:
+                break
+            starts.append(start)
+            self.next_segment += self.step
+            if len(starts) == self.engine.batch_segments:
+                self._run(starts)
+                starts = []
+        if starts:
+            self._run(starts)
+
+    def _run(self, starts: list[int]) -> None:
+        cfg = self.engine.config
+        magnitude = self.spec.abs()[..., : cfg.F]  # (C, n, F) from frame0
+        needed = starts[-1] + self.T - self.frame0
+        if needed > magnitude.shape[1]:  # the end: zero frames, as the original pads
+            magnitude = torch.nn.functional.pad(magnitude, (0, 0, 0, needed - magnitude.shape[1]))
+        batch = torch.stack(
+            [magnitude[:, s - self.frame0 : s - self.frame0 + self.T] for s in starts]
+        )
+        estimates = self.engine.estimate(batch)  # (S, I, C, T, F)
+        n_known = self.acc.shape[2]
+        for k, start in enumerate(starts):
+            lo = start - self.frame0
+            hi = min(lo + self.T, n_known)
+            if self.weights is None:
+                self.acc[:, :, lo:hi] = estimates[k, :, :, : hi - lo]
+                self.weight_sum[lo:hi] = 1.0
+            else:
+                w = self.weights[: hi - lo]
+                self.acc[:, :, lo:hi] += estimates[k, :, :, : hi - lo] * w[:, None]
+                self.weight_sum[lo:hi] += w
+        if self.on_segments is not None:
+            self.on_segments(len(starts))
+
+    def _output(self, upto: int) -> Iterator[dict[str, np.ndarray]]:
+        """Mask, invert and emit frames [frame0, upto): no later segment touches them."""
+        n = min(upto, self.n_frames_in) - self.frame0
+        if n <= 0:
+            return
+        estimates = self.acc[:, :, :n]
+        if self.weights is not None:
+            estimates = estimates / self.weight_sum[:n, None]
+        stems = self.engine.apply_masks(estimates, self.spec[:, :n])
+        frames = dsp.istft_frames(stems, self.engine.window)
+        signal = dsp.overlap_add(frames, frame_step=self.hop)  # from sample frame0 * hop
+        overlap = self.tail.shape[-1]
+        signal[..., :overlap] += self.tail
+        self.tail = signal[..., n * self.hop :].clone()
+        self.spec = self.spec[:, n:]
+        self.acc = self.acc[:, :, n:]
+        self.weight_sum = self.weight_sum[n:]
+        self.frame0 += n
+        end = min(self.frame0 * self.hop, self.n_fft + self.n_input)
+        yield from self._emit(signal[..., : end - self.emitted], end)
+
+    def _emit(self, samples: torch.Tensor, end: int) -> Iterator[dict[str, np.ndarray]]:
+        """Yield ``samples`` (I, C, n) covering padded positions [emitted, end)."""
+        start = max(self.emitted, self.n_fft)  # drop the prepended frame of zeros
+        keep = samples[..., start - self.emitted :]
+        self.emitted = end
+        if keep.shape[-1] > 0:
+            host = keep.cpu().numpy()
+            yield {
+                name: np.ascontiguousarray(host[i].T)
+                for i, name in enumerate(self.engine.instruments)
+            }
 
 
 def default_threads() -> int:

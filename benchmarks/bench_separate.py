@@ -1,0 +1,1121 @@
+"""Benchmark ``splitstems separate`` (and, on request, the original Spleeter 2.4.2).
+
+What it measures, each timed thing alone, one after another:
+
+* the command line ``splitstems separate -p spleeter:<model> -o OUT FILE`` per input
+  length, model and mode (default, ``--fast``): wall time, real-time factor (seconds of
+  audio written / wall seconds), peak RSS of the process tree (``os.wait4`` on a fresh
+  child: the largest RSS of the child or of any descendant it waited for) and CPU time;
+* ten 3-minute files in one command;
+* in-process model compute on the 3-minute waveform (``graph_splitstems.py``), best of 3
+  after a warm-up;
+* with ``--against-spleeter``: the same with Spleeter 2.4.2 (TensorFlow 2.12.1) in its own
+  virtualenv (installed on first use), on the same files in the same run, and the ratios.
+
+Inputs are Spleeter's example song looped to exactly N seconds (16-bit WAV, 44.1 kHz
+stereo), built once into the cache folder. The 2stems model is the real checkpoint from
+the shared folder; other models get random weights of the real shapes (same compute).
+The machine is shared and noisy: compare numbers of one run only (the ratios).
+
+Examples::
+
+    .venv/bin/python benchmarks/bench_separate.py --durations 30,180 --models 2stems \\
+        --against-spleeter                                   # quick (~5 min)
+    .venv/bin/python benchmarks/bench_separate.py --against-spleeter   # everything
+
+Results: a markdown table on stdout, ``benchmarks/results/<timestamp>.json`` (+ ``.md``)
+and ``benchmarks/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+SHARED = Path(os.environ.get("SPLITSTEMS_SHARED", ROOT.parent / "shared")).resolve()
+EXAMPLE = SHARED / "audio" / "examples" / "audio_example.mp3"
+CHECKPOINT_2STEMS = SHARED / "models" / "spleeter" / "2stems"
+CHECKPOINT_FILES = ("checkpoint", "model.data-00000-of-00001", "model.index", "model.meta")
+SAMPLE_RATE = 44100
+GIB = 1024**3
+SPLEETER_REQUIREMENTS = ("spleeter==2.4.2", "tensorflow==2.12.1", "numpy<2")
+SPLEETER_DEFAULT_DURATION = 600.0  # the original's CLI stops there unless -d is given
+BATCH_FILES = 10
+BATCH_SECONDS = 180
+GRAPH_SECONDS = 180
+MEMORY_PATTERNS = (
+    "memoryerror",
+    "bad_alloc",
+    "resourceexhausted",
+    "out of memory",
+    "cannot allocate memory",
+    "can't allocate memory",
+    "oom when allocating",
+    "failed to allocate",
+)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Run:
+    """One timed process (or one timed call inside a helper process)."""
+
+    wall_s: float | None
+    status: str  # "ok", "failed (...)", "unavailable (...)"
+    peak_rss_bytes: int | None = None
+    cpu_s: float | None = None
+    returncode: int | None = None
+    audio_out_s: float | None = None
+    note: str = ""
+    other_cores: float | None = None  # CPU used by other processes during the run, in cores
+
+
+@dataclass
+class Case:
+    """One row of a table: a tool on an input, repeated."""
+
+    kind: str  # "cli", "batch", "graph", "warmup"
+    tool: str  # "splitstems" or "spleeter"
+    model: str
+    mode: str  # "default", "fast", "default -d N"
+    input: str
+    audio_in_s: float
+    command: list[str] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok_walls(self) -> list[float]:
+        return [r.wall_s for r in self.runs if r.status == "ok" and r.wall_s is not None]
+
+    @property
+    def status(self) -> str:
+        bad = [r.status for r in self.runs if r.status != "ok"]
+        if not self.runs:
+            return "not run"
+        if bad:
+            return bad[0] if not self.ok_walls else f"{bad[0]} in {len(bad)}/{len(self.runs)}"
+        return "ok"
+
+    @property
+    def best_s(self) -> float | None:
+        return min(self.ok_walls) if self.ok_walls else None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.ok_walls) if self.ok_walls else None
+
+    @property
+    def audio_out_s(self) -> float | None:
+        outs = [r.audio_out_s for r in self.runs if r.audio_out_s is not None]
+        return min(outs) if outs else None
+
+    @property
+    def audio_s(self) -> float:
+        """Seconds of audio actually separated (what was written, else the input)."""
+        out = self.audio_out_s
+        return out if out is not None and out > 0 else self.audio_in_s
+
+    def rtf(self, wall: float | None) -> float | None:
+        return self.audio_s / wall if wall else None
+
+    @property
+    def peak_rss_bytes(self) -> int | None:
+        values = [r.peak_rss_bytes for r in self.runs if r.peak_rss_bytes]
+        return max(values) if values else None
+
+    @property
+    def cpu_percent(self) -> float | None:
+        pairs = [(r.cpu_s, r.wall_s) for r in self.runs if r.status == "ok" and r.cpu_s]
+        if not pairs:
+            return None
+        return 100.0 * sum(c for c, _ in pairs) / sum(w for _, w in pairs if w)
+
+    @property
+    def other_cores(self) -> float | None:
+        values = [r.other_cores for r in self.runs if r.other_cores is not None]
+        return max(values) if values else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "other_cores_max": self.other_cores,
+            "status": self.status,
+            "best_s": self.best_s,
+            "median_s": self.median_s,
+            "rtf_best": self.rtf(self.best_s),
+            "rtf_median": self.rtf(self.median_s),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "cpu_percent": self.cpu_percent,
+            "audio_out_s": self.audio_out_s,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["summary"] = self.summary()
+        return data
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, tables to stdout."""
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_seconds(text: str) -> int:
+    """``30`` → 30, ``3m`` → 180, ``1h`` → 3600."""
+    text = text.strip().lower()
+    factor = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    value = float(text[:-1] if factor else text) * (factor or 1)
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text}: expected a whole number of seconds")
+    return int(value)
+
+
+def parse_durations(text: str) -> list[int]:
+    return [parse_seconds(part) for part in text.split(",") if part.strip()]
+
+
+def parse_models(text: str) -> dict[str, list[int] | None]:
+    """``2stems,4stems@180,5stems@30+180`` → name → durations it runs at (None: all)."""
+    models: dict[str, list[int] | None] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, only = part.partition("@")
+        name = name.removeprefix("spleeter:")
+        models[name] = [parse_seconds(d) for d in only.split("+")] if only else None
+    return models
+
+
+def fmt_s(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f} s" if value < 100 else f"{value:.0f} s"
+
+
+def fmt_x(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}x"
+
+
+def fmt_gib(value: int | None) -> str:
+    return "—" if not value else f"{value / GIB:.2f} GiB"
+
+
+def fmt_dur(seconds: float) -> str:
+    if seconds >= 60 and abs(seconds / 60 - round(seconds / 60)) < 1e-6:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.1f} s" if seconds != int(seconds) else f"{seconds:.0f} s"
+
+
+def wav_seconds(path: Path) -> float | None:
+    """Duration of a WAV file (header, else size), or None."""
+    try:
+        with wave.open(str(path), "rb") as handle:
+            return handle.getnframes() / handle.getframerate()
+    except (OSError, wave.Error, EOFError):
+        pass
+    try:  # the header of a huge or unusual WAV: fall back to the decoder
+        from splitstems import audio
+
+        info = audio.probe(path)
+        return info.duration
+    except Exception:  # best effort only
+        return None
+
+
+def output_seconds(out_dir: Path) -> tuple[float | None, int]:
+    """Shortest duration among the WAVs written under ``out_dir``, and how many there are."""
+    files = sorted(out_dir.rglob("*.wav")) if out_dir.exists() else []
+    durations = [d for d in (wav_seconds(f) for f in files) if d is not None]
+    return (min(durations) if durations else None), len(files)
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds all processes of the machine have used so far (from /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(f) for f in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = sum(ticks[:8]) - idle  # guest time is already inside user
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_idle(max_wait_s: float, threshold_cores: float = 0.3) -> float | None:
+    """Wait (up to ``max_wait_s``) until other processes use < ``threshold_cores``.
+
+    Returns the last measured load in cores (1-second samples).
+    """
+    if max_wait_s <= 0:
+        return None
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = busy_cpu_s()
+        time.sleep(1.0)
+        after = busy_cpu_s()
+        if before is None or after is None:
+            return None
+        load = after - before
+        if load < threshold_cores or time.monotonic() >= deadline:
+            return load
+        log(f"  machine busy ({load:.1f} cores used by others), waiting")
+        time.sleep(4.0)
+
+
+def tail(path: Path, n_chars: int = 1500) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-n_chars:]
+
+
+def memory_limiter(limit_bytes: int | None) -> Callable[[], None] | None:
+    if not limit_bytes:
+        return None
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def run_process(
+    command: list[str],
+    *,
+    env: dict[str, str],
+    timeout_s: float,
+    log_dir: Path,
+    name: str,
+    mem_limit_bytes: int | None = None,
+    cwd: Path | None = None,
+) -> tuple[Run, str]:
+    """Run ``command`` in a fresh process group; return its Run and the stdout tail.
+
+    Peak RSS and CPU come from ``os.wait4`` on that very child: Linux reports the largest
+    RSS of the child and of every descendant it reaped, so each run is measured alone.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+    timed_out = threading.Event()
+    busy_before = busy_cpu_s()
+    start = time.perf_counter()
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        try:
+            proc = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=memory_limiter(mem_limit_bytes),
+            )
+        except OSError as exc:
+            return Run(None, f"failed (cannot start: {exc.strerror})"), ""
+
+        def kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            kill()
+            os.wait4(proc.pid, 0)
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+        busy_after = busy_cpu_s()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    # Leftover members of the group (a pool worker) must not outlive the run.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    rc = proc.returncode
+    err_text = tail(err_path, 4000)
+    run = Run(
+        wall_s=wall,
+        status="ok",
+        peak_rss_bytes=usage.ru_maxrss * 1024,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        returncode=rc,
+    )
+    if busy_before is not None and busy_after is not None and wall > 0:
+        other = busy_after - busy_before - (usage.ru_utime + usage.ru_stime)
+        run.other_cores = max(0.0, other / wall)
+    if timed_out.is_set():
+        run.status = f"failed (timeout {timeout_s:.0f} s)"
+    elif rc != 0:
+        lowered = err_text.lower()
+        if any(p in lowered for p in MEMORY_PATTERNS):
+            run.status = "failed (memory)"
+        elif rc == -signal.SIGKILL:
+            run.status = "failed (killed: memory?)"
+        else:
+            run.status = f"failed (exit {rc})"
+        run.note = err_text.strip().splitlines()[-1][-300:] if err_text.strip() else ""
+    return run, tail(out_path, 4000)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "splitstems-bench"
+
+
+def build_inputs(cache: Path, durations: list[int]) -> dict[int, Path]:
+    """Loop the example song to exactly N seconds; 16-bit WAV; reuse what is built."""
+    folder = cache / "inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {d: folder / f"loop_{d}s.wav" for d in durations}
+    missing = [d for d, p in paths.items() if wav_seconds(p) != float(d)]
+    if not missing:
+        return paths
+    from splitstems import audio
+
+    source = audio.load(EXAMPLE, sample_rate=SAMPLE_RATE, n_channels=2)
+    pcm = (np.clip(source, -1.0, 32767 / 32768) * 32768.0).round().astype("<i2")
+    for seconds in missing:
+        log(f"building {paths[seconds].name} ({seconds} s of {EXAMPLE.name} looped)")
+        tmp = paths[seconds].with_suffix(".tmp")
+        remaining = seconds * SAMPLE_RATE
+        with wave.open(str(tmp), "wb") as handle:
+            handle.setnchannels(2)
+            handle.setsampwidth(2)
+            handle.setframerate(SAMPLE_RATE)
+            while remaining:
+                piece = pcm[: min(remaining, pcm.shape[0])]
+                handle.writeframes(piece.tobytes())
+                remaining -= piece.shape[0]
+        tmp.replace(paths[seconds])
+    return paths
+
+
+def build_batch(cache: Path, source: Path) -> list[Path]:
+    """Ten differently named links to the 3-minute input (outputs are named by file)."""
+    folder = cache / "inputs" / f"batch{BATCH_FILES}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(1, BATCH_FILES + 1):
+        link = folder / f"track_{i:02d}.wav"
+        if not link.is_symlink() or link.resolve() != source.resolve():
+            link.unlink(missing_ok=True)
+            link.symlink_to(source)
+        files.append(link)
+    return files
+
+
+def build_random_model(cache: Path, name: str) -> Path:
+    """``<cache>/models/<name>/{model.safetensors,config.json}``, random weights, real shapes."""
+    from safetensors.torch import save_file
+
+    from splitstems.config import load_config
+    from splitstems.models.unet import SpleeterModel
+
+    config = load_config(f"spleeter:{name}")
+    folder = cache / "models" / config.model_dir
+    weights = folder / "model.safetensors"
+    if weights.exists() and (folder / "config.json").exists():
+        return cache / "models"
+    import torch
+
+    log(f"writing random-weight {name} model to {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    state = {
+        k: v.contiguous()
+        for k, v in SpleeterModel(config).state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    save_file(state, str(folder / "model.safetensors.tmp"))
+    (folder / "model.safetensors.tmp").replace(weights)
+    (folder / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2))
+    return cache / "models"
+
+
+def build_pretrained_models(cache: Path) -> Path:
+    """``<cache>/pretrained_models/2stems``: links to the shared checkpoint + ``.probe``."""
+    folder = cache / "pretrained_models" / "2stems"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        link = folder / name
+        if not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(CHECKPOINT_2STEMS / name)
+    (folder / ".probe").touch()
+    return folder.parent
+
+
+def ensure_spleeter(venv: Path, timeout_s: float) -> str | None:
+    """Install Spleeter 2.4.2 into ``venv`` if needed; return an error text or None."""
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "spleeter").exists():
+        base = shutil.which("python3.11")
+        if base is None:
+            return "python3.11 not found (Spleeter 2.4.2 needs Python 3.11)"
+        log(f"installing {' '.join(SPLEETER_REQUIREMENTS)} into {venv} (a few minutes)")
+        steps = [
+            [base, "-m", "venv", str(venv)],
+            [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+            [str(python), "-m", "pip", "install", "-q", *SPLEETER_REQUIREMENTS],
+        ]
+        for step in steps:
+            try:
+                subprocess.run(step, check=True, timeout=timeout_s)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+                return f"installing Spleeter failed: {exc}"
+    check = subprocess.run(
+        [str(python), "-c", "import spleeter, tensorflow; print(tensorflow.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check.returncode != 0:
+        return f"Spleeter venv {venv} is broken: {check.stderr.strip()[-300:]}"
+    for tool in ("ffmpeg", "ffprobe"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: Spleeter needs it (apt-get install ffmpeg)"
+    return None
+
+
+def machine_info(splitstems_python: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "loadavg_start": os.getloadavg(),
+    }
+    with contextlib.suppress(OSError):
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        for line in cpuinfo.splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        flags = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+        info["cpu_flags"] = sorted(
+            f for f in flags.split() if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"}
+        )
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["ram_bytes"] = int(line.split()[1]) * 1024
+    probe = subprocess.run(
+        [
+            splitstems_python,
+            "-c",
+            "import json, torch, splitstems; print(json.dumps({'torch': torch.__version__, "
+            "'torch_threads': torch.get_num_threads(), "
+            "'torch_interop_threads': torch.get_num_interop_threads(), "
+            "'splitstems': splitstems.__version__, "
+            "'mkldnn': torch.backends.mkldnn.is_available()}))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    with contextlib.suppress(json.JSONDecodeError, IndexError):
+        info.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+    git = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+    )
+    info["git"] = git.stdout.strip()
+    return info
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+class Bench:
+    """Runs the cases one after another and keeps the results (saved after each case)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cache: Path = args.cache_dir
+        self.out_dir = self.cache / "out"
+        self.log_dir = self.cache / "logs"
+        self.cases: list[Case] = []
+        self.notes: list[str] = []
+        self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.started = time.time()
+        self.python = sys.executable
+        script = Path(sys.executable).parent / "splitstems"
+        self.splitstems = [str(script)] if script.exists() else ["splitstems"]
+        self.spleeter_venv: Path = args.spleeter_venv
+        self.spleeter_error: str | None = None
+        self.fast_available = False
+        self.meta: dict[str, Any] = {}
+        self.model_dirs: dict[str, Path] = {}
+        self.pretrained: Path | None = None
+        self.counter = 0
+
+    # -- environments
+
+    def ours_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SPLITSTEMS_MODEL_DIR"] = str(SHARED / "models" / "spleeter")
+        return env
+
+    def spleeter_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+        env["MODEL_PATH"] = str(self.pretrained)
+        env["PATH"] = f"{self.spleeter_venv / 'bin'}:{env.get('PATH', '')}"
+        return env
+
+    def ours_command(self, model: str, mode: str, files: list[Path]) -> list[str]:
+        cmd = [*self.splitstems, "separate", "-p", f"spleeter:{model}", "-o", str(self.out_dir)]
+        if model in self.model_dirs:
+            cmd += ["--model-dir", str(self.model_dirs[model])]
+        if mode == "fast":
+            cmd.append("--fast")
+        return cmd + [str(f) for f in files]
+
+    def spleeter_command(self, files: list[Path], duration: float | None = None) -> list[str]:
+        cmd = [str(self.spleeter_venv / "bin" / "spleeter"), "separate"]
+        cmd += ["-p", "spleeter:2stems", "-o", str(self.out_dir)]
+        if duration is not None:
+            cmd += ["-d", f"{duration:g}"]
+        return cmd + [str(f) for f in files]
+
+    # -- running
+
+    def timed(self, case: Case, env: dict[str, str], *, repeat: int, mem_limit: bool) -> Case:
+        """Run ``case.command`` ``repeat`` times; stop at the first failure."""
+        limit = int(self.args.mem_limit_gb * GIB) if mem_limit and self.args.mem_limit_gb else None
+        for i in range(repeat):
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+            self.out_dir.mkdir(parents=True)
+            self.counter += 1
+            name = f"{self.stamp}-{self.counter:03d}-{case.tool}-{case.kind}"
+            log(
+                f"{case.tool} {case.kind} {case.model} {case.mode} {case.input} "
+                f"(run {i + 1}/{repeat})"
+            )
+            wait_for_idle(self.args.wait_idle)
+            run, _ = run_process(
+                case.command,
+                env=env,
+                timeout_s=self.args.timeout,
+                log_dir=self.log_dir,
+                name=name,
+                mem_limit_bytes=limit,
+                cwd=self.cache,
+            )
+            seconds, n_files = output_seconds(self.out_dir)
+            run.audio_out_s = seconds
+            expected = len(case.extra.get("inputs", [1])) * case.extra.get("n_stems", 2)
+            if run.status == "ok" and n_files < expected:
+                run.status = f"failed (only {n_files} of {expected} stems written)"
+            if seconds is not None and seconds + 0.05 < case.audio_in_s:
+                run.note = (run.note + " " if run.note else "") + (
+                    f"output only {seconds:.1f} s of {case.audio_in_s:.0f} s"
+                )
+            rss = fmt_gib(run.peak_rss_bytes)
+            others = "?" if run.other_cores is None else f"{run.other_cores:.2f}"
+            log(
+                f"  -> {run.status}, {fmt_s(run.wall_s)}, peak RSS {rss}, "
+                f"other processes {others} cores {run.note}".rstrip()
+            )
+            case.runs.append(run)
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+            if run.status != "ok":
+                break
+        self.cases.append(case)
+        self.save()
+        return case
+
+    def unavailable(self, case: Case, why: str) -> None:
+        case.runs.append(Run(None, f"unavailable ({why})"))
+        self.cases.append(case)
+        log(f"{case.tool} {case.kind} {case.model} {case.mode} {case.input}: {why}")
+
+    def n_stems(self, model: str) -> int:
+        from splitstems.config import load_config
+
+        return len(load_config(f"spleeter:{model}").instruments)
+
+    # -- phases
+
+    def setup(self) -> dict[int, Path]:
+        args = self.args
+        self.cache.mkdir(parents=True, exist_ok=True)
+        log(f"cache folder {self.cache}")
+        help_text = subprocess.run(
+            [*self.splitstems, "separate", "--help"], capture_output=True, text=True
+        ).stdout
+        self.fast_available = "--fast" in help_text
+        if "fast" in args.modes and not self.fast_available:
+            self.notes.append("`--fast` is not in `splitstems separate --help`: fast mode skipped")
+        self.meta = machine_info(self.python)
+        durations = sorted(set(args.durations))
+        needed = set(durations)
+        if not args.skip_batch:
+            needed.add(BATCH_SECONDS)
+        if not args.skip_graph:
+            needed.add(GRAPH_SECONDS)
+        inputs = build_inputs(self.cache, sorted(needed))
+        for model in args.models:
+            if model != "2stems":
+                self.model_dirs[model] = build_random_model(self.cache, model)
+        if args.against_spleeter:
+            self.spleeter_error = ensure_spleeter(self.spleeter_venv, args.install_timeout)
+            if self.spleeter_error:
+                self.notes.append(f"Spleeter not run: {self.spleeter_error}")
+                log(self.spleeter_error)
+            else:
+                self.pretrained = build_pretrained_models(self.cache)
+                version = subprocess.run(
+                    [
+                        str(self.spleeter_venv / "bin" / "python"),
+                        "-c",
+                        "import tensorflow as tf, numpy, importlib.metadata as m; "
+                        "print(m.version('spleeter'), tf.__version__, numpy.__version__)",
+                    ],
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()
+                if len(version) == 3:
+                    self.meta.update(
+                        spleeter=version[0], tensorflow=version[1], spleeter_numpy=version[2]
+                    )
+        return inputs
+
+    def modes(self) -> list[str]:
+        return list(self.args.modes)
+
+    def warmup(self) -> None:
+        """Untimed first runs: page cache, 2stems conversion into splitstems' cache."""
+        for model in self.args.models:
+            for mode in self.modes():
+                if mode == "fast" and not self.fast_available:
+                    continue
+                case = Case("warmup", "splitstems", model, mode, EXAMPLE.name, 10.88)
+                case.command = self.ours_command(model, mode, [EXAMPLE])
+                case.extra["n_stems"] = self.n_stems(model)
+                self.timed(case, self.ours_env(), repeat=1, mem_limit=True)
+        if self.spleeter_ok:
+            case = Case("warmup", "spleeter", "2stems", "default", EXAMPLE.name, 10.88)
+            case.command = self.spleeter_command([EXAMPLE])
+            self.timed(case, self.spleeter_env(), repeat=1, mem_limit=True)
+
+    @property
+    def spleeter_ok(self) -> bool:
+        return bool(self.args.against_spleeter and not self.spleeter_error)
+
+    def cli(self, inputs: dict[int, Path]) -> None:
+        args = self.args
+        for seconds in sorted(set(args.durations)):
+            path = inputs[seconds]
+            for model, only in args.models.items():
+                if only is not None and seconds not in only:
+                    continue
+                for mode in self.modes():
+                    case = Case("cli", "splitstems", model, mode, fmt_dur(seconds), seconds)
+                    case.extra["n_stems"] = self.n_stems(model)
+                    case.extra["weights"] = "real" if model == "2stems" else "random"
+                    if mode == "fast" and not self.fast_available:
+                        self.unavailable(case, "no --fast flag")
+                        continue
+                    case.command = self.ours_command(model, mode, [path])
+                    self.timed(case, self.ours_env(), repeat=args.repeat, mem_limit=True)
+            if self.spleeter_ok and "2stems" in args.models:
+                case = Case("cli", "spleeter", "2stems", "default", fmt_dur(seconds), seconds)
+                case.command = self.spleeter_command([path])
+                self.timed(case, self.spleeter_env(), repeat=args.repeat, mem_limit=True)
+                if seconds > SPLEETER_DEFAULT_DURATION and args.spleeter_full:
+                    mode = f"-d {seconds}"
+                    case = Case("cli", "spleeter", "2stems", mode, fmt_dur(seconds), seconds)
+                    case.command = self.spleeter_command([path], duration=seconds)
+                    self.timed(case, self.spleeter_env(), repeat=1, mem_limit=True)
+
+    def batch(self, inputs: dict[int, Path]) -> None:
+        files = build_batch(self.cache, inputs[BATCH_SECONDS])
+        label = f"{BATCH_FILES} x {fmt_dur(BATCH_SECONDS)}"
+        total = float(BATCH_FILES * BATCH_SECONDS)
+        for mode in self.modes():
+            case = Case("batch", "splitstems", "2stems", mode, label, total)
+            case.extra.update(inputs=[str(f) for f in files], n_stems=2)
+            if mode == "fast" and not self.fast_available:
+                self.unavailable(case, "no --fast flag")
+                continue
+            case.command = self.ours_command("2stems", mode, files)
+            self.fix_batch_audio(self.timed(case, self.ours_env(), repeat=1, mem_limit=True))
+        if self.spleeter_ok:
+            case = Case("batch", "spleeter", "2stems", "default", label, total)
+            case.extra.update(inputs=[str(f) for f in files], n_stems=2)
+            case.command = self.spleeter_command(files)
+            self.fix_batch_audio(self.timed(case, self.spleeter_env(), repeat=1, mem_limit=True))
+
+    @staticmethod
+    def fix_batch_audio(case: Case) -> None:
+        """A batch's audio out is the sum over the files (shortest stem x files)."""
+        for run in case.runs:
+            if run.audio_out_s is not None:
+                run.audio_out_s *= BATCH_FILES
+
+    def graph(self, inputs: dict[int, Path]) -> None:
+        path = inputs[GRAPH_SECONDS]
+        label = fmt_dur(GRAPH_SECONDS)
+        for mode in self.modes():
+            case = Case("graph", "splitstems", "2stems", mode, label, GRAPH_SECONDS)
+            if mode == "fast" and not self.fast_available:
+                self.unavailable(case, "no --fast flag")
+                continue
+            case.command = [self.python, str(BENCH / "graph_splitstems.py"), str(path)]
+            case.command += ["--repeat", str(self.args.graph_repeat)]
+            if mode == "fast":
+                case.command.append("--fast")
+            self.helper(case, self.ours_env())
+        if self.spleeter_ok:
+            case = Case("graph", "spleeter", "2stems", "default", label, GRAPH_SECONDS)
+            case.command = [str(self.spleeter_venv / "bin" / "python")]
+            case.command += [str(BENCH / "graph_spleeter.py"), str(path)]
+            case.command += ["--repeat", str(self.args.graph_repeat)]
+            self.helper(case, self.spleeter_env())
+
+    def helper(self, case: Case, env: dict[str, str]) -> None:
+        """Run a graph helper; its timed calls become the case's runs."""
+        self.counter += 1
+        name = f"{self.stamp}-{self.counter:03d}-{case.tool}-graph"
+        log(f"{case.tool} in-process compute {case.mode} {case.input}")
+        wait_for_idle(self.args.wait_idle)
+        limit = int(self.args.mem_limit_gb * GIB) if self.args.mem_limit_gb else None
+        run, out = run_process(
+            case.command,
+            env=env,
+            timeout_s=self.args.timeout,
+            log_dir=self.log_dir,
+            name=name,
+            mem_limit_bytes=limit,
+            cwd=self.cache,
+        )
+        result: dict[str, Any] = {}
+        for line in reversed(out.strip().splitlines()):
+            with contextlib.suppress(json.JSONDecodeError):
+                result = json.loads(line)
+                break
+        case.extra.update(
+            process_wall_s=run.wall_s,
+            process_peak_rss_bytes=run.peak_rss_bytes,
+            **{k: v for k, v in result.items() if k != "times_s"},
+        )
+        if run.status != "ok" or result.get("status") != "ok":
+            status = result.get("status") if result.get("status", "ok") != "ok" else run.status
+            case.runs.append(Run(None, status or run.status, run.peak_rss_bytes, note=run.note))
+        else:
+            for t in result["times_s"]:
+                case.runs.append(
+                    Run(
+                        t,
+                        "ok",
+                        run.peak_rss_bytes,
+                        audio_out_s=result["output_samples"] / SAMPLE_RATE,
+                        other_cores=run.other_cores,
+                    )
+                )
+        log(f"  -> {case.status}, best {fmt_s(case.best_s)}")
+        self.cases.append(case)
+        self.save()
+
+    def run(self) -> None:
+        inputs = self.setup()
+        self.warmup()
+        self.cli(inputs)
+        if not self.args.skip_batch:
+            self.batch(inputs)
+        if not self.args.skip_graph:
+            self.graph(inputs)
+        self.meta["loadavg_end"] = os.getloadavg()
+        self.meta["total_wall_s"] = time.time() - self.started
+        self.save()
+        report = self.markdown()
+        print(report)
+        (RESULTS / f"{self.stamp}.md").write_text(report + "\n")
+        log(f"results: {RESULTS / (self.stamp + '.json')} and {RESULTS / 'latest.json'}")
+
+    # -- output
+
+    def save(self) -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        data = {
+            "timestamp": self.stamp,
+            "command": [sys.executable, *sys.argv],
+            "machine": self.meta,
+            "settings": {
+                "durations": self.args.durations,
+                "models": self.args.models,
+                "modes": self.args.modes,
+                "repeat": self.args.repeat,
+                "against_spleeter": self.args.against_spleeter,
+                "spleeter_venv": str(self.spleeter_venv),
+                "mem_limit_gb": self.args.mem_limit_gb,
+                "timeout_s": self.args.timeout,
+                "cache": str(self.cache),
+                "input_source": str(EXAMPLE),
+            },
+            "notes": self.notes,
+            "cases": [c.to_json() for c in self.cases],
+            "ratios": self.ratios(),
+        }
+        text = json.dumps(data, indent=2, default=str)
+        tmp = RESULTS / f".{self.stamp}.json.tmp"
+        tmp.write_text(text)
+        tmp.replace(RESULTS / f"{self.stamp}.json")
+        (RESULTS / "latest.json").write_text(text)
+
+    def find(self, kind: str, tool: str, model: str, mode: str, label: str) -> Case | None:
+        for case in self.cases:
+            if (case.kind, case.tool, case.model, case.mode, case.input) == (
+                kind,
+                tool,
+                model,
+                mode,
+                label,
+            ):
+                return case
+        return None
+
+    def ratios(self) -> list[dict[str, Any]]:
+        """Spleeter (default CLI) vs ours, per input and mode, from this run only."""
+        rows = []
+        for ref in self.cases:
+            if ref.tool != "spleeter" or ref.kind == "warmup" or ref.mode != "default":
+                continue
+            for mode in self.modes():
+                ours = self.find(ref.kind, "splitstems", "2stems", mode, ref.input)
+                if ours is None or ours.best_s is None:
+                    continue
+                row: dict[str, Any] = {"kind": ref.kind, "input": ref.input, "mode": mode}
+                if ref.best_s is not None:
+                    row["wall_best"] = ref.best_s / ours.best_s
+                    if ref.median_s and ours.median_s:
+                        row["wall_median"] = ref.median_s / ours.median_s
+                    ref_rtf, our_rtf = ref.rtf(ref.best_s), ours.rtf(ours.best_s)
+                    row["rtf_best"] = our_rtf / ref_rtf if ref_rtf and our_rtf else None
+                if ref.peak_rss_bytes and ours.peak_rss_bytes and ref.kind != "graph":
+                    row["memory"] = ref.peak_rss_bytes / ours.peak_rss_bytes
+                notes = [n for n in (ref.status if ref.status != "ok" else "",) if n]
+                if ref.audio_out_s and ref.audio_out_s + 0.05 < ref.audio_in_s:
+                    notes.append(
+                        f"Spleeter wrote only {fmt_dur(round(ref.audio_out_s))} of "
+                        f"{ref.input}: compare real-time factors"
+                    )
+                row["note"] = "; ".join(notes)
+                rows.append(row)
+        return rows
+
+    def markdown(self) -> str:
+        m = self.meta
+        lines = [
+            f"## splitstems benchmark {self.stamp}",
+            "",
+            f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus_usable')} cores usable, "
+            f"{(m.get('ram_bytes') or 0) / GIB:.1f} GiB RAM; torch {m.get('torch')} "
+            f"({m.get('torch_threads')} threads), splitstems {m.get('splitstems')} "
+            f"({m.get('git')})"
+            + (
+                f"; Spleeter {m['spleeter']}, TensorFlow {m['tensorflow']}"
+                if "spleeter" in m
+                else ""
+            )
+            + f". Load average at start {m.get('loadavg_start', ('?',))[0]:.2f}. "
+            f"Repeats: {self.args.repeat} (best / median). Total {m.get('total_wall_s', 0):.0f} s.",
+            "",
+        ]
+        header = (
+            "| tool | model | mode | input | audio out | wall best | wall median | RTF best "
+            "| RTF median | peak RSS | CPU | others | status |"
+        )
+        sections = [
+            ("cli", "Command line, one file (`separate -o out FILE`)"),
+            ("batch", f"{BATCH_FILES} files of {fmt_dur(BATCH_SECONDS)} in one command"),
+            ("graph", "In-process model compute (STFT + U-Nets + masks + iSTFT), warm"),
+        ]
+        for kind, title in sections:
+            cases = [c for c in self.cases if c.kind == kind]
+            if not cases:
+                continue
+            lines += [f"### {title}", "", header, "|" + "---|" * 13]
+            for c in cases:
+                s = c.summary()
+                cpu = f"{s['cpu_percent']:.0f} %" if s["cpu_percent"] else "—"
+                others = "—" if c.other_cores is None else f"{c.other_cores:.2f}"
+                out = fmt_dur(round(s["audio_out_s"], 1)) if s["audio_out_s"] else "—"
+                status = c.status + (f" — {c.runs[-1].note}" if c.runs and c.runs[-1].note else "")
+                if c.extra.get("weights") == "random":
+                    status += " (random weights)"
+                lines.append(
+                    f"| {c.tool} | {c.model} | {c.mode} | {c.input} | {out} "
+                    f"| {fmt_s(s['best_s'])} | {fmt_s(s['median_s'])} | {fmt_x(s['rtf_best'])} "
+                    f"| {fmt_x(s['rtf_median'])} | {fmt_gib(s['peak_rss_bytes'])} | {cpu} "
+                    f"| {others} | {status} |"
+                )
+            if kind == "graph":
+                lines.append("")
+                lines.append(
+                    "Graph rows: peak RSS is the helper process's (load + warm-up + runs); "
+                    "build = model load / graph build + restore: "
+                    + ", ".join(
+                        f"{c.tool} {c.mode} {fmt_s(c.extra.get('build_s'))}"
+                        for c in cases
+                        if c.extra.get("build_s") is not None
+                    )
+                )
+            lines.append("")
+        lines += [
+            "CPU: the run's CPU time / wall time (200 % = both cores). others: the most CPU "
+            "other processes of the machine used during a run, in cores (noise: > 0.3 means "
+            "the run was slowed by something else).",
+            "",
+        ]
+        ratios = self.ratios()
+        if ratios:
+            lines += [
+                "### Spleeter 2.4.2 / splitstems (same run; > 1 means splitstems is better)",
+                "",
+                "| what | input | splitstems mode | wall time (best) | wall time (median) "
+                "| real-time factor (best) | peak RSS | note |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in ratios:
+                lines.append(
+                    f"| {r['kind']} | {r['input']} | {r['mode']} | "
+                    f"{fmt_x(r.get('wall_best'), 2)} | {fmt_x(r.get('wall_median'), 2)} | "
+                    f"{fmt_x(r.get('rtf_best'), 2)} | {fmt_x(r.get('memory'), 2)} | "
+                    f"{r.get('note', '')} |"
+                )
+            lines.append("")
+        for note in self.notes:
+            lines.append(f"Note: {note}")
+        return "\n".join(lines).rstrip()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--durations",
+        type=parse_durations,
+        default=parse_durations("30,180,600,3600"),
+        help="input lengths in seconds (30, 3m, 1h), comma-separated (default: 30,180,600,3600)",
+    )
+    parser.add_argument(
+        "--models",
+        type=parse_models,
+        default=parse_models("2stems,4stems@180,5stems@180"),
+        help="models, comma-separated; NAME@D1+D2 runs NAME only at those durations "
+        "(default: 2stems,4stems@180,5stems@180; only 2stems has real weights offline)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+        default=["default", "fast"],
+        help="splitstems modes: default, fast (--fast) (default: both)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per CLI case (best, median)")
+    parser.add_argument("--graph-repeat", type=int, default=3, help="timed in-process calls")
+    parser.add_argument(
+        "--against-spleeter",
+        action="store_true",
+        help="also run the original Spleeter 2.4.2 (installed into --spleeter-venv if missing)",
+    )
+    parser.add_argument(
+        "--spleeter-full",
+        action="store_true",
+        help="for inputs over 600 s also run Spleeter with -d <length> (its CLI stops at "
+        "600 s by default); needs memory linear in the length",
+    )
+    parser.add_argument("--spleeter-venv", type=Path, default=BENCH / ".spleeter-venv")
+    parser.add_argument("--skip-batch", action="store_true", help="skip the ten-file command")
+    parser.add_argument("--skip-graph", action="store_true", help="skip in-process compute")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache(),
+        help="inputs, random models, Spleeter's pretrained_models, scratch output "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per run (default: 1800)"
+    )
+    parser.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=20.0,
+        help="address-space limit of each child (RLIMIT_AS), 0 for none (default: 20)",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=60.0,
+        help="before each timed run, wait up to this many seconds for other processes to "
+        "use < 0.3 cores (default: 60; 0 to not wait)",
+    )
+    parser.add_argument("--install-timeout", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    bad = [m for m in args.modes if m not in {"default", "fast"}]
+    if bad:
+        parser.error(f"unknown modes {bad}: use default, fast")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    args.cache_dir = args.cache_dir.resolve()
+    args.spleeter_venv = args.spleeter_venv.absolute()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not EXAMPLE.exists():
+        print(f"error: {EXAMPLE} not found (set SPLITSTEMS_SHARED)", file=sys.stderr)
+        return 2
+    bench = Bench(args)
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        bench.save()
+        log("interrupted; partial results saved")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
