@@ -116,6 +116,8 @@ class Separator:
         mask_extension: "zeros" or "average"; default: the config's.
         precision: "float32" (faithful to the original, the default) or "fast"
             (bfloat16 on the CPU, float16 on GPUs: about 45 dB from the faithful output).
+        overlap: overlap of consecutive model segments (0 = the original's output; 0.5
+            removes the seams at segment boundaries).
         download: whether missing released weights may be downloaded.
         progress: show a progress bar while downloading.
     """
@@ -131,6 +133,7 @@ class Separator:
         batch_segments: int = 1,
         mask_extension: str | None = None,
         precision: str = "float32",
+        overlap: float = 0.0,
         download: bool = True,
         progress: bool = True,
     ) -> None:
@@ -147,6 +150,7 @@ class Separator:
             batch_segments=batch_segments,
             mask_extension=mask_extension,
             precision=precision,
+            overlap=overlap,
         )
 
     @property
