@@ -11,7 +11,11 @@ running the original on the whole track at once, while memory is bounded by the 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ from splitstems.config import ModelConfig
 from splitstems.models.fast import FastSpleeterModel, fuse_for_inference
 from splitstems.models.unet import SpleeterModel
 
-__all__ = ["pick_device", "Engine", "PRECISIONS"]
+__all__ = ["pick_device", "Engine", "PRECISIONS", "prefetch", "OrderedWorker"]
 
 #: Model precisions: "float32" is faithful to the original; "fast" is bfloat16 on the CPU
 #: and float16 on GPUs.
@@ -315,6 +319,87 @@ class _StreamState:
                 name: np.ascontiguousarray(host[i].T)
                 for i, name in enumerate(self.engine.instruments)
             }
+
+
+T_co = TypeVar("T_co")
+_DONE = object()
+
+
+def prefetch(items: Iterable[T_co], *, depth: int = 2) -> Iterator[T_co]:
+    """Iterate ``items`` in a background thread, up to ``depth`` items ahead.
+
+    Decoding the next chunk then overlaps the model's compute on this one (the codecs
+    release the GIL). Exceptions are re-raised in the consumer; closing the generator
+    stops the producer.
+    """
+    buffer: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            buffer.put(exc)
+
+    thread = threading.Thread(target=produce, name="splitstems-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class OrderedWorker:
+    """Runs calls one at a time, in order, in a background thread (e.g. encoding).
+
+    At most ``depth`` calls wait; :meth:`submit` blocks beyond that, which bounds memory.
+    The first error is raised by the next :meth:`submit` or by :meth:`join`.
+    """
+
+    def __init__(self, *, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitstems-writer")
+        self._pending: list[Future[None]] = []
+        self._depth = max(1, depth)
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        """Queue ``fn(*args)``; raise the error of an earlier call if one failed."""
+        waiting = []
+        for future in self._pending:
+            if future.done():
+                future.result()
+            else:
+                waiting.append(future)
+        self._pending = waiting
+        while len(self._pending) >= self._depth:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def join(self, *, raise_errors: bool = True) -> None:
+        """Wait for every queued call; raise the first error unless ``raise_errors`` is False."""
+        try:
+            for future in self._pending:
+                error = future.exception()
+                if error is not None and raise_errors:
+                    raise error
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)
 
 
 def default_threads() -> int:

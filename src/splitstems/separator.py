@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
-from splitstems.engine import Engine
+from splitstems.engine import Engine, OrderedWorker, prefetch
 from splitstems.errors import AudioError, CheckpointError, OutputError
 from splitstems.models.unet import SpleeterModel
 
@@ -255,11 +255,23 @@ class Separator:
                 )
                 for name, path in paths.items()
             }
-            n_written = 0
-            for stems in self.engine.stream(_checked(chunks, source), on_segments=progress):
+
+            def write(stems: dict[str, np.ndarray]) -> None:
                 for name, samples in stems.items():
                     writers[name].write(samples)
-                n_written += next(iter(stems.values())).shape[0]
+
+            # Decoding runs ahead and encoding behind, in threads, overlapping the model.
+            encoder = OrderedWorker(depth=2)
+            n_written = 0
+            try:
+                inputs = prefetch(_checked(chunks, source), depth=2)
+                for stems in self.engine.stream(inputs, on_segments=progress):
+                    encoder.submit(write, stems)
+                    n_written += next(iter(stems.values())).shape[0]
+            except BaseException:
+                encoder.join(raise_errors=False)
+                raise
+            encoder.join()
             if n_written == 0:
                 raise AudioError(f"{source}: zero-length audio")
         return paths
