@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -172,3 +174,129 @@ def test_console_script_runs(song, tmp_path, model_env):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "o" / "song" / "vocals.wav").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-c", "mp3", "-b", "abc"], "codec mp3: bitrate must look like"),
+        (["-c", "mp3", "-b", "64"], "outside 8k-512k"),
+        (["-c", "flac", "--bit-depth", "32f"], "flac supports bit_depth 16 or 24"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["-f", "{filename}/{instrument}.mp3"], "ends in .mp3 but the codec is wav"),
+        (["-f", ""], "empty filename format"),
+    ],
+)
+def test_bad_options_fail_once_up_front(song, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert run("separate", "-o", out, *args, song) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.count("error:") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-s", "-1"],
+        ["-s", "nan"],
+        ["-d", "0"],
+        ["-d", "inf"],
+        ["--overlap", "1"],
+        ["--batch-segments", "0"],
+    ],
+)
+def test_bad_numbers_are_usage_errors(song, tmp_path, args):
+    with pytest.raises(SystemExit) as exit_info:
+        run("separate", "-o", tmp_path / "out", *args, song)
+    assert exit_info.value.code == 2
+
+
+def test_output_path_that_is_a_file(song, tmp_path, capsys):
+    blocker = tmp_path / "taken.wav"
+    blocker.write_text("x")
+    assert run("separate", "-o", blocker, song) == 2
+    assert "taken.wav: output path exists and is not a folder" in capsys.readouterr().err
+
+
+def test_same_name_inputs_do_not_overwrite_each_other(song, tmp_path, capsys):
+    other = tmp_path / "other" / "song.flac"
+    audio.save(other, audio.load(song), sample_rate=44100)
+    out = tmp_path / "out"
+    assert run("separate", "-o", out, song, other) == 1
+    assert "would overwrite those of" in capsys.readouterr().err
+    assert (
+        run(
+            "separate",
+            "-o",
+            out,
+            "-f",
+            "{foldername}/{filename}/{instrument}.{codec}",
+            song,
+            other,
+            "--overwrite",
+        )
+        == 0
+    )
+
+
+def test_failed_file_leaves_no_empty_folders(tmp_path):
+    silent = tmp_path / "silent.wav"
+    with wave.open(str(silent), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+    out = tmp_path / "out"
+    assert run("separate", "-o", out, silent) == 1
+    assert not out.exists()
+
+
+def test_convert_missing_checkpoint(tmp_path, capsys):
+    assert run("convert", tmp_path / "nothing", "-o", tmp_path / "c") == 2
+    err = capsys.readouterr().err
+    assert "nothing: checkpoint not found" in err and ".index.index" not in err
+
+
+def test_python_dash_m_and_sigterm_cleanup(tmp_path, model_env):
+    env = {**os.environ, **model_env}
+    help_run = subprocess.run(
+        [sys.executable, "-m", "splitstems", "separate", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert help_run.returncode == 0 and "--filename_format" in help_run.stdout
+    long_song = tmp_path / "long.wav"
+    t = np.arange(240 * 44100) / 44100
+    tone = (0.2 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    audio.save(long_song, np.stack([tone, tone], 1), sample_rate=44100)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitstems", "separate", "-o", str(out), str(long_song)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(600):  # wait until the stems are being written
+            if list(out.rglob("*.part*")):
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "finished before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_spleeter_positional_api(separator_2stems, song, tmp_path):
+    paths = separator_2stems.separate_to_file(str(song), str(tmp_path), None, 0.5, 1.0, "mp3")
+    assert sorted(p.name for p in paths.values()) == ["accompaniment.mp3", "vocals.mp3"]
+    separator_2stems.join()

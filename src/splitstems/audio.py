@@ -22,6 +22,7 @@ one-line message ``"<path>: <cause>"``. Invalid arguments raise ``ValueError``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import uuid
@@ -36,6 +37,8 @@ import numpy as np
 import soxr
 
 from splitstems.errors import AudioError, OutputError
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["CODECS", "AudioInfo", "AudioWriter", "load", "probe", "save", "stream"]
 
@@ -153,7 +156,7 @@ def _open_stream(
             raise AudioError(f"{name}: no audio stream {index} (the file has {len(streams)})")
         audio = streams[index]
         if not audio.codec_context.sample_rate:
-            raise AudioError(f"{name}: unknown sample rate")
+            raise AudioError(f"{name}: not an audio file (no sample rate)")
     except BaseException:
         container.close()
         raise
@@ -315,6 +318,9 @@ class _Source:
             self.container.close()
 
     def _chunks(self, n_channels: int) -> Iterator[np.ndarray]:
+        have = self.audio.codec_context.channels
+        if have > n_channels > 1:  # as Spleeter: the first channels, not a downmix
+            _log.warning("%s: keeping the first %d of its %d channels", self.name, n_channels, have)
         log = _DecodeLog()
         sought = self._seek(log)
         if sought is None:
@@ -590,6 +596,27 @@ def _target(name: str, codec: str | None, bit_depth: int | str, rate: int) -> _T
             lead_in_frames=1 if candidate == "wmav2" else 0,
         )
     raise AudioError(f"{name}: no {key} encoder in this PyAV build (tried {', '.join(candidates)})")
+
+
+#: Bitrates the lossy encoders accept (bits per second).
+BITRATE_RANGE = (8_000, 512_000)
+
+
+def check_encoding(codec: str, *, bitrate: int | str = "128k", bit_depth: int | str = 16) -> None:
+    """Raise :class:`OutputError` if stems cannot be written with these settings.
+
+    Lets a caller refuse a bad codec, bit depth or bitrate once, before any work.
+    """
+    try:
+        target = _target(f"output.{codec}", codec, bit_depth, 44100)
+        if target.lossy:
+            value = _parse_bitrate(bitrate)
+            low, high = BITRATE_RANGE
+            if not low <= value <= high:
+                raise ValueError(f"bitrate {bitrate!r} is outside {low // 1000}k-{high // 1000}k")
+    except (AudioError, ValueError) as exc:
+        message = str(exc).removeprefix(f"output.{codec}: ")
+        raise OutputError(f"codec {codec}: {message}") from None
 
 
 def _parse_bitrate(bitrate: int | str) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitstems import audio
-from splitstems.errors import AudioError, SplitstemsError
+from splitstems.errors import AudioError, OutputError, SplitstemsError
 from splitstems.separator import DEFAULT_FILENAME_FORMAT, Separator, output_paths
 
 __all__ = ["AUDIO_EXTENSIONS", "FileResult", "BatchReport", "expand_inputs", "separate_files"]
@@ -133,6 +133,7 @@ def separate_files(
 
     order = {path: index for index, path in enumerate(files)}
     report = BatchReport()
+    claimed: dict[Path, Path] = {}  # output path → the input that writes it
     plan: list[tuple[Path, float | None]] = []
     for path in files:
         result = None
@@ -146,6 +147,13 @@ def separate_files(
                 codec=codec,
                 filename_format=filename_format,
             )
+            clash = next((claimed[t] for t in targets.values() if t in claimed), None)
+            if clash is not None:
+                raise OutputError(
+                    f"{path}: its stems would overwrite those of {clash} in the same batch "
+                    "(add {foldername} to -f, or rename one of them)"
+                )
+            claimed.update(dict.fromkeys(targets.values(), path))
             if not overwrite and all(t.is_file() for t in targets.values()):
                 result = FileResult(path, "skipped", "outputs exist", outputs=targets)
             else:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +22,46 @@ from splitstems.errors import SplitstemsError
 CODECS = ("wav", "mp3", "ogg", "m4a", "wma", "flac")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("splitstems")
+
+
+def _seconds(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}: {text!r}"
+        )
+    return value
+
+
+def _offset(text: str) -> float:
+    return _seconds(text, allow_zero=True)
+
+
+def _duration(text: str) -> float:
+    return _seconds(text, allow_zero=False)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1: {text!r}")
+    return value
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -68,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("16", "24", "32f"),
         help="sample format of wav/flac output (default 16)",
     )
-    sep.add_argument("-s", "--offset", type=float, default=0.0, help="start offset in seconds")
+    sep.add_argument("-s", "--offset", type=_offset, default=0.0, help="start offset in seconds")
     sep.add_argument(
         "-d",
         "--duration",
-        type=float,
+        type=_duration,
         default=None,
         help="seconds to process (default: the whole file; the original stopped at 600)",
     )
@@ -82,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="{filename}/{instrument}.{codec}",
         help="output path inside -o; keys {filename}, {foldername}, {instrument}, {codec}",
     )
-    sep.add_argument("--mwf", action="store_true", help="multichannel Wiener filter")
+    sep.add_argument(
+        "--mwf", action="store_true", help="multichannel Wiener filter (not available yet)"
+    )
     sep.add_argument(
         "--overwrite", action="store_true", help="redo files whose stems exist already"
     )
@@ -93,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sep.add_argument(
         "--overlap",
-        type=float,
+        type=_fraction,
         default=0.0,
         help="overlap of consecutive model segments, 0 to <1 (0.5 removes seams; "
         "default 0: the original's output)",
     )
     sep.add_argument(
         "--batch-segments",
-        type=int,
+        type=_positive_int,
         default=1,
         help="model segments (~11.9 s each) computed at once (default 1)",
     )
@@ -114,13 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a TensorFlow Spleeter checkpoint to safetensors + JSON config"
     )
     conv.add_argument("checkpoint", help="checkpoint folder (model.index, model.data-...)")
-    conv.add_argument("-p", "--params_filename", dest="params", default="spleeter:2stems")
+    conv.add_argument(
+        "-p",
+        "--params_filename",
+        dest="params",
+        default="spleeter:2stems",
+        help="the model the checkpoint belongs to: name or JSON config (default: %(default)s)",
+    )
     conv.add_argument("-o", "--output", required=True, help="folder to write the model to")
     return parser
 
 
 def _separate(args: argparse.Namespace) -> int:
+    from splitstems.audio import check_encoding
     from splitstems.batch import FileResult, expand_inputs, separate_files
+    from splitstems.errors import OutputError
     from splitstems.separator import Separator, output_paths
 
     files = expand_inputs([*args.files, *args.inputs])
@@ -134,6 +187,7 @@ def _separate(args: argparse.Namespace) -> int:
         print("error: --mwf is not available yet", file=sys.stderr)
         return EXIT_USAGE
     try:
+        check_encoding(args.codec, bitrate=args.bitrate, bit_depth=args.bit_depth)
         separator = Separator(
             args.params,
             model_dir=args.model_dir,
@@ -143,12 +197,15 @@ def _separate(args: argparse.Namespace) -> int:
             batch_segments=args.batch_segments,
         )
         output_paths(
-            "x",
+            files[0],
             args.output_path,
             separator.instruments,
             codec=args.codec,
             filename_format=args.filename_format,
         )
+        out = Path(args.output_path)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: output path exists and is not a folder")
     except (SplitstemsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -215,9 +272,21 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP, raised like Ctrl-C so that partial outputs are removed."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _on_signal)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s:%(name)s:%(message)s",
@@ -228,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SplitstemsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except _Terminated as exc:
+        print("terminated", file=sys.stderr)
+        return 128 + int(exc.args[0])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -507,6 +507,8 @@ def _checkpoint_prefix(path: str | os.PathLike[str]) -> Path:
         return prefix
     if p.suffix == ".index" and p.is_file():
         return p.with_suffix("")
+    if not Path(f"{p}.index").is_file():
+        raise CheckpointError(f"{p}: checkpoint not found (expected a folder with model.index)")
     return p
 
 
@@ -880,7 +882,12 @@ def convert_checkpoint(
         "model": config.name,
     }
     dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(f"{dst}: not a folder") from None
+    except OSError as exc:
+        raise CheckpointError(f"{dst}: cannot create ({exc.strerror or exc})") from None
     weights = dst / "model.safetensors"
     _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     config_text = json.dumps(config.to_json_dict(), indent=2) + "\n"

@@ -40,7 +40,10 @@ def pick_device(name: str | None = None) -> torch.device:
     Auto picks CUDA when available, then Apple MPS, else the CPU.
     """
     if name and name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but CUDA is not available")
         if device.type == "mps" and not torch.backends.mps.is_available():

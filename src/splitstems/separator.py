@@ -7,8 +7,9 @@ does not grow with the length of the song.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def output_paths(
     Raises:
         OutputError: a bad format, a path outside ``destination``, or two stems on one path.
     """
+    if not filename_format.strip():
+        raise OutputError("empty filename format")
     src = Path(source)
     root = Path(destination).resolve()
     paths: dict[str, Path] = {}
@@ -93,6 +96,12 @@ def output_paths(
         path = (root / name).resolve()
         if not name or path == root or not path.is_relative_to(root):
             raise OutputError(f"{name}: output path would be outside the output directory {root}")
+        suffix = path.suffix.lower().lstrip(".")
+        if suffix in audio.CODECS and suffix != codec.lower():
+            raise OutputError(
+                f"{filename_format}: the file name ends in .{suffix} but the codec is {codec} "
+                f"(pass -c {suffix}, or end the format in .{{codec}})"
+            )
         if path in paths.values():
             raise OutputError(
                 f"{filename_format}: two stems would be written to {path} "
@@ -200,14 +209,14 @@ class Separator:
         audio_descriptor: str | os.PathLike[str],
         destination: str | os.PathLike[str],
         audio_adapter: object = None,
-        *,
         offset: float = 0.0,
         duration: float | None = None,
         codec: str = "wav",
         bitrate: str = "128k",
-        bit_depth: int | str = 16,
         filename_format: str = DEFAULT_FILENAME_FORMAT,
         synchronous: bool = True,
+        *,
+        bit_depth: int | str = 16,
         on_progress: Callable[[float], None] | None = None,
     ) -> dict[str, Path]:
         """Separate an audio file and write one file per stem; return instrument → path.
@@ -215,8 +224,9 @@ class Separator:
         The file is decoded, separated and encoded in chunks (memory stays bounded), every
         stem is written to a temporary file and renamed only when complete. ``duration``
         None means the whole file (the original stopped at 600 s). ``on_progress(seconds)``
-        is called with the seconds of audio done. ``audio_adapter`` and ``synchronous``
-        are accepted for compatibility with Spleeter and ignored.
+        is called with the seconds of audio done. The positional order is Spleeter's;
+        ``audio_adapter`` and ``synchronous`` are accepted for compatibility and ignored
+        (the call always returns when the files are written; :meth:`join` is a no-op).
         """
         source = Path(audio_descriptor)
         paths = output_paths(
@@ -235,6 +245,29 @@ class Separator:
             sample_rate=self.sample_rate,
             n_channels=self.config.n_channels,
         )
+        created = _missing_parents(paths.values())
+        try:
+            self._write_stems(source, chunks, paths, codec, bitrate, bit_depth, on_progress)
+        except BaseException:
+            for folder in created:  # leave no empty folders behind a failure
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        return paths
+
+    def join(self, timeout: float = 200) -> None:
+        """Do nothing: Spleeter's call to wait for asynchronous exports (ours are not)."""
+
+    def _write_stems(
+        self,
+        source: Path,
+        chunks: Iterator[np.ndarray],
+        paths: dict[str, Path],
+        codec: str,
+        bitrate: str,
+        bit_depth: int | str,
+        on_progress: Callable[[float], None] | None,
+    ) -> None:
         seconds_per_segment = self.engine.segment_samples / self.sample_rate
 
         def progress(n_segments: int) -> None:
@@ -274,7 +307,17 @@ class Separator:
             encoder.join()
             if n_written == 0:
                 raise AudioError(f"{source}: zero-length audio")
-        return paths
+
+
+def _missing_parents(paths: Iterable[Path]) -> list[Path]:
+    """Folders that writing ``paths`` will create, deepest first (for clean-up)."""
+    missing: set[Path] = set()
+    for path in paths:
+        for folder in path.parents:
+            if folder.exists():
+                break
+            missing.add(folder)
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
 
 
 def _checked(chunks: Iterator[np.ndarray], source: Path) -> Iterator[np.ndarray]:

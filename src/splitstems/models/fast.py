@@ -79,7 +79,10 @@ class FastUNet(nn.Module):
             for b in unet.decoder
         ]
         self.dec_bias = [b.deconv.bias.detach().repeat_interleave(4) for b in unet.decoder]
-        self.dec_bn = [_bn_affine(b.bn) for b in unet.decoder]
+        # BatchNorm of the 4 polyphase planes of each output channel: repeated 4 times.
+        self.dec_bn = [
+            tuple(t.repeat_interleave(4, dim=0) for t in _bn_affine(b.bn)) for b in unet.decoder
+        ]
         self.dec_act = _activation(unet.decoder[0].act)
         self.out_weight = unet.output.weight.detach().contiguous(memory_format=cl)
         self.out_bias = unet.output.bias.detach().clone()
@@ -99,36 +102,40 @@ class FastUNet(nn.Module):
         batch, _, height, width = x.shape
         n_levels = len(self.enc_weight)
         # Skip buffers: decoder level j concatenates [conv_{5-j}, up_j]; the encoder writes
-        # its raw convolution straight into the first half of each buffer.
-        merges = []
-        for i in range(n_levels - 1):
-            n_skip = self.enc_weight[i].shape[0]
-            h, w = height >> (i + 1), width >> (i + 1)
-            merges.append(
-                x.new_empty(batch, 2 * n_skip, h, w).contiguous(memory_format=torch.channels_last)
-            )
+        # its raw convolution into the first half of each, the decoder the second half.
+        merges = [
+            x.new_empty(
+                batch, 2 * self.enc_weight[i].shape[0], height >> (i + 1), width >> (i + 1)
+            ).contiguous(memory_format=torch.channels_last)
+            for i in range(n_levels - 1)
+        ]
         h = x
         conv = x
         for i in range(n_levels):
+            # TF "same" at stride 2 with k=5 pads 1 before and 2 after on both axes.
             conv = F.conv2d(F.pad(h, (1, 2, 1, 2)), self.enc_weight[i], self.enc_bias[i], stride=2)
             if i < n_levels - 1:
                 scale, shift = self.enc_bn[i]
-                n_skip = conv.shape[1]
-                merges[i][:, :n_skip].copy_(conv)
+                merges[i][:, : conv.shape[1]].copy_(conv)
                 h = self.enc_act(torch.addcmul(shift, conv, scale))
         h = conv  # the decoder starts from the raw 6th convolution
         for j in range(n_levels):
-            up = F.conv2d(F.pad(h, (1, 1, 1, 1)), self.dec_weight[j], self.dec_bias[j])
-            up = self.dec_act(F.pixel_shuffle(up, 2))
+            # Activation and BatchNorm are per pixel and per channel, so they are applied to
+            # the four polyphase planes before they are interleaved (pixel shuffle).
+            up = F.conv2d(h, self.dec_weight[j], self.dec_bias[j], padding=1)
             scale, shift = self.dec_bn[j]
+            up = torch.addcmul(shift, self.dec_act(up), scale)
             level = n_levels - 2 - j
-            if level >= 0:
-                merge = merges[level]
-                n_skip = merge.shape[1] // 2
-                torch.addcmul(shift, up, scale, out=merge[:, n_skip:])
-                h = merge
-            else:
-                h = torch.addcmul(shift, up, scale)
+            if level < 0:
+                h = F.pixel_shuffle(up, 2)
+                break
+            merge = merges[level]
+            n_out = up.shape[1] // 4
+            rows, cols = up.shape[-2:]
+            # pixel_shuffle written straight into the second half of the skip buffer
+            target = merge[:, n_out:].unflatten(2, (rows, 2)).unflatten(4, (cols, 2))
+            target.copy_(up.unflatten(1, (n_out, 2, 2)).permute(0, 1, 4, 2, 5, 3))
+            h = merge
         return F.conv2d(h, self.out_weight, self.out_bias, padding=3, dilation=2)
 
 
