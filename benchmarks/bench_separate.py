@@ -522,6 +522,18 @@ def ensure_spleeter(venv: Path, timeout_s: float) -> str | None:
     return None
 
 
+def source_fingerprint() -> str:
+    """sha256 (12 hex) of the package sources: tells whether the code changed mid-run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode())
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def machine_info(splitstems_python: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "hostname": platform.node(),
@@ -693,6 +705,7 @@ class Bench:
         if "fast" in args.modes and not self.fast_available:
             self.notes.append("`--fast` is not in `splitstems separate --help`: fast mode skipped")
         self.meta = machine_info(self.python)
+        self.meta["source_fingerprint_start"] = source_fingerprint()
         durations = sorted(set(args.durations))
         needed = set(durations)
         if not args.skip_batch:
@@ -865,6 +878,11 @@ class Bench:
         if not self.args.skip_graph:
             self.graph(inputs)
         self.meta["loadavg_end"] = os.getloadavg()
+        self.meta["source_fingerprint_end"] = source_fingerprint()
+        if self.meta["source_fingerprint_end"] != self.meta["source_fingerprint_start"]:
+            self.notes.append(
+                "src/ changed while the benchmark ran (editable install): rows may mix versions"
+            )
         self.meta["total_wall_s"] = time.time() - self.started
         self.save()
         report = self.markdown()

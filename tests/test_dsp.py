@@ -64,6 +64,21 @@ def test_istft_of_stft_is_identity_with_compensation(rng):
     np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-4)
 
 
+def test_fused_istft_equals_frames_then_overlap_add(rng):
+    window = dsp.hann_window(64)
+    spec = torch.tensor(
+        rng.standard_normal((2, 7, 33)) + 1j * rng.standard_normal((2, 7, 33)),
+        dtype=torch.complex64,
+    )
+    expected = dsp.overlap_add(dsp.istft_frames(spec, window), frame_step=16)
+    torch.testing.assert_close(dsp.istft(spec, window, frame_step=16), expected)
+    # Fewer bins: the missing ones are zero.
+    padded = torch.cat([spec[..., :10], torch.zeros(2, 7, 23, dtype=torch.complex64)], -1)
+    torch.testing.assert_close(
+        dsp.istft(spec[..., :10], window, frame_step=16), dsp.istft(padded, window, frame_step=16)
+    )
+
+
 def test_ratio_masks_formula_and_sum():
     out = torch.tensor([[3.0, 0.0], [4.0, 0.0]])
     masks = dsp.ratio_masks(out, exponent=2.0)

@@ -21,6 +21,7 @@ __all__ = [
     "stft_frames",
     "istft_frames",
     "overlap_add",
+    "istft",
     "ratio_masks",
     "extend_mask",
 ]
@@ -66,6 +67,27 @@ def istft_frames(spectrum: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """
     frames = torch.fft.irfft(spectrum, n=window.shape[0], dim=-1)
     return frames * (window * WINDOW_COMPENSATION)
+
+
+def istft(spectrum: torch.Tensor, window: torch.Tensor, *, frame_step: int) -> torch.Tensor:
+    """Inverse STFT ``(..., n_frames, n_bins)`` → ``(..., (n_frames-1)*hop + N)`` samples.
+
+    Same result as ``overlap_add(istft_frames(spectrum, window))``, with the window applied
+    inside the overlap-add. Fewer than ``N // 2 + 1`` bins means the missing high bins are
+    zero (the irfft pads them).
+    """
+    frame_length = window.shape[0]
+    frames = torch.fft.irfft(spectrum, n=frame_length, dim=-1)
+    if frame_length % frame_step:
+        return overlap_add(frames * (window * WINDOW_COMPENSATION), frame_step=frame_step)
+    *lead, n_frames, _ = frames.shape
+    ratio = frame_length // frame_step
+    blocks = frames.reshape(*lead, n_frames, ratio, frame_step)
+    weights = (window * WINDOW_COMPENSATION).reshape(ratio, frame_step)
+    out = frames.new_zeros(*lead, n_frames + ratio - 1, frame_step)
+    for r in range(ratio):
+        out[..., r : r + n_frames, :].addcmul_(blocks[..., r, :], weights[r])
+    return out.reshape(*lead, (n_frames + ratio - 1) * frame_step)
 
 
 def overlap_add(frames: torch.Tensor, *, frame_step: int) -> torch.Tensor:

@@ -173,10 +173,18 @@ class Engine:
         return self.model(magnitude.to(self.dtype)).float()
 
     def apply_masks(self, estimates: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
-        """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs (I, C, n, bins)."""
+        """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs (I, C, n, ≤bins).
+
+        With the "zeros" extension only the first F bins are returned (the rest are zero).
+        """
         masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
-        masks = dsp.extend_mask(masks, n_bins=spec.shape[-1], mode=self.mask_extension)
-        return masks * spec.unsqueeze(0)
+        if self.mask_extension == "zeros":
+            spec = spec[..., : masks.shape[-1]]  # the bins above F are zero: iSTFT pads them
+        else:
+            masks = dsp.extend_mask(masks, n_bins=spec.shape[-1], mode=self.mask_extension)
+        # real-valued mask times complex STFT, without promoting the mask to complex
+        stems = torch.view_as_real(spec).unsqueeze(0) * masks.unsqueeze(-1)
+        return torch.view_as_complex(stems)
 
 
 class _StreamState:
@@ -268,8 +276,8 @@ class _StreamState:
 
     def _run(self, starts: list[int]) -> None:
         cfg = self.engine.config
-        magnitude = self.spec.abs()[..., : cfg.F]  # (C, n, F) from frame0
         needed = starts[-1] + self.T - self.frame0
+        magnitude = self.spec[:, :needed, : cfg.F].abs()  # (C, n, F) from frame0
         if needed > magnitude.shape[1]:  # the end: zero frames, as the original pads
             magnitude = torch.nn.functional.pad(magnitude, (0, 0, 0, needed - magnitude.shape[1]))
         batch = torch.stack(
@@ -299,8 +307,7 @@ class _StreamState:
         if self.weights is not None:
             estimates = estimates / self.weight_sum[:n, None]
         stems = self.engine.apply_masks(estimates, self.spec[:, :n])
-        frames = dsp.istft_frames(stems, self.engine.window)
-        signal = dsp.overlap_add(frames, frame_step=self.hop)  # from sample frame0 * hop
+        signal = dsp.istft(stems, self.engine.window, frame_step=self.hop)  # from frame0 * hop
         overlap = self.tail.shape[-1]
         signal[..., :overlap] += self.tail
         self.tail = signal[..., n * self.hop :].clone()

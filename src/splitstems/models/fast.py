@@ -62,6 +62,26 @@ def _activation(module: nn.Module):  # -> Callable[[Tensor], Tensor], in place
     return lambda x: F.relu_(x)
 
 
+def tf_pad(x: torch.Tensor) -> torch.Tensor:
+    """Pad (B, C, H, W) by TF's stride-2 "same" padding (1 before, 2 after), channels last."""
+    out = _zero_bordered(x)
+    out[:, :, 1:-2, 1:-2] = x
+    return out
+
+
+def _zero_bordered(like: torch.Tensor) -> torch.Tensor:
+    """Return an uninitialised (B, C, H+3, W+3) channels-last buffer with zero TF padding."""
+    batch, channels, height, width = like.shape
+    out = like.new_empty(batch, channels, height + 3, width + 3).contiguous(
+        memory_format=torch.channels_last
+    )
+    out[:, :, :1].zero_()
+    out[:, :, -2:].zero_()
+    out[:, :, :, :1].zero_()
+    out[:, :, :, -2:].zero_()
+    return out
+
+
 class FastUNet(nn.Module):
     """Inference form of one :class:`UNet` (see the module docstring)."""
 
@@ -96,10 +116,14 @@ class FastUNet(nn.Module):
         self.out_weight, self.out_bias = fn(self.out_weight), fn(self.out_bias)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Magnitudes (B, C, T, F) → mask logits (B, C, T, F)."""
-        x = x.contiguous(memory_format=torch.channels_last)
+    def forward(self, padded: torch.Tensor) -> torch.Tensor:
+        """Magnitudes with TF's padding (B, C, T+3, F+3), channels last → logits (B, C, T, F).
+
+        The padding is 1 row/column before and 2 after (see :func:`tf_pad`).
+        """
+        x = padded
         batch, _, height, width = x.shape
+        height, width = height - 3, width - 3
         n_levels = len(self.enc_weight)
         # Skip buffers: decoder level j concatenates [conv_{5-j}, up_j]; the encoder writes
         # its raw convolution into the first half of each, the decoder the second half.
@@ -109,15 +133,18 @@ class FastUNet(nn.Module):
             ).contiguous(memory_format=torch.channels_last)
             for i in range(n_levels - 1)
         ]
-        h = x
+        # TF "same" at stride 2 with k=5 pads 1 before and 2 after on both axes: each
+        # encoder input lives inside a zero-bordered buffer, written there directly.
+        h = padded
         conv = x
         for i in range(n_levels):
-            # TF "same" at stride 2 with k=5 pads 1 before and 2 after on both axes.
-            conv = F.conv2d(F.pad(h, (1, 2, 1, 2)), self.enc_weight[i], self.enc_bias[i], stride=2)
+            conv = F.conv2d(h, self.enc_weight[i], self.enc_bias[i], stride=2)
             if i < n_levels - 1:
                 scale, shift = self.enc_bn[i]
                 merges[i][:, : conv.shape[1]].copy_(conv)
-                h = self.enc_act(torch.addcmul(shift, conv, scale))
+                h = _zero_bordered(conv)
+                inner = h[:, :, 1:-2, 1:-2]
+                self.enc_act(torch.addcmul(shift, conv, scale, out=inner))
         h = conv  # the decoder starts from the raw 6th convolution
         for j in range(n_levels):
             # Activation and BatchNorm are per pixel and per channel, so they are applied to
@@ -150,7 +177,8 @@ class FastSpleeterModel(nn.Module):
 
     def forward(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F)."""
-        logits = torch.stack([unet(magnitude) for unet in self.unets], dim=1)
+        padded = tf_pad(magnitude)
+        logits = torch.stack([unet(padded) for unet in self.unets], dim=1)
         masks = torch.softmax(logits, dim=1) if self.softmax else torch.sigmoid(logits)
         return masks * magnitude.unsqueeze(1)
 
