@@ -1,4 +1,4 @@
-"""Command line: ``splitstems separate|models|convert``, Spleeter's flags.
+"""Command line: ``splitstems separate|models|convert|train|evaluate``, Spleeter's flags.
 
 Only parses arguments, calls the library and maps its errors to one-line messages and
 exit codes (0 success, 1 some inputs failed, 2 usage, model or configuration errors).
@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="output path inside -o; keys {filename}, {foldername}, {instrument}, {codec}",
     )
     sep.add_argument(
-        "--mwf", action="store_true", help="multichannel Wiener filter (not available yet)"
+        "--mwf",
+        action="store_true",
+        help="multichannel Wiener filter (norbert's, as the original; reads the input twice)",
     )
     sep.add_argument(
         "--overwrite", action="store_true", help="redo files whose stems exist already"
@@ -167,7 +169,155 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model the checkpoint belongs to: name or JSON config (default: %(default)s)",
     )
     conv.add_argument("-o", "--output", required=True, help="folder to write the model to")
+    _add_evaluate_parser(sub)
+    _add_train_parser(sub)
     return parser
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser(
+        "train",
+        help="train or fine-tune a model (Spleeter's JSON config and CSVs, or MUSDB18)",
+    )
+    tr.add_argument(
+        "-p",
+        "--params_filename",
+        dest="params",
+        required=True,
+        help="JSON config in Spleeter's format (training keys included), or a model name",
+    )
+    tr.add_argument(
+        "-d", "--data", dest="data_root", default=None, help="folder the CSV paths are in (.)"
+    )
+    tr.add_argument("--mus_dir", default=None, help="MUSDB18 or MUSDB18-HQ root (no CSVs)")
+    tr.add_argument("-o", "--output", default=None, help="model folder (config's model_dir)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in the model folder")
+    tr.add_argument("--init", default=None, help="start from a model (spleeter:2stems, a folder)")
+    tr.add_argument("--freeze-encoder", action="store_true", help="train the decoders only")
+    tr.add_argument("--steps", type=_positive_int, default=None, help="train_max_steps")
+    tr.add_argument(
+        "--augment", choices=("none", "spectrogram", "audio"), default=None, help="augmentation"
+    )
+    tr.add_argument(
+        "--batch-norm",
+        choices=("moving", "batch"),
+        default=None,
+        help="moving: as the original trained (default); batch: batch statistics + dropout",
+    )
+    tr.add_argument("--cache-dir", default=None, help="decoded chunks (<model folder>/cache)")
+    tr.add_argument("--model-dir", default=None, help="where the weights of --init are")
+    tr.add_argument("--no-validation", action="store_true", help="skip validation")
+    tr.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
+    tr.add_argument("--verbose", action="store_true", help="more logging")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0: {text!r}")
+    return value
+
+
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="separate a MUSDB18(-HQ) subset and score it (BSSEval v4, as museval)",
+    )
+    _add_model_options(ev)
+    ev.add_argument("--mus_dir", required=True, help="MUSDB18 or MUSDB18-HQ root (train/, test/)")
+    ev.add_argument(
+        "-o", "--output_path", required=True, help="folder for <subset>/<track>.json and summary"
+    )
+    ev.add_argument("--subset", default="test", choices=("test", "train"), help="(test)")
+    ev.add_argument("--tracks", nargs="+", default=None, help="only these track names")
+    ev.add_argument("--mwf", action="store_true", help="multichannel Wiener filter")
+    ev.add_argument(
+        "--mwf-iterations",
+        type=_non_negative_int,
+        default=1,
+        help="EM iterations of the Wiener filter (default 1, as the original)",
+    )
+    ev.add_argument(
+        "--overlap", type=_fraction, default=0.0, help="overlap of model segments (default 0)"
+    )
+    ev.add_argument(
+        "--shifts",
+        type=_positive_int,
+        default=1,
+        help="average over this many time-shifted separations (default 1)",
+    )
+    ev.add_argument(
+        "--mask-extension",
+        default=None,
+        choices=("zeros", "average"),
+        help="bins above the model's F: zeros (the original) or the mask's average",
+    )
+    ev.add_argument("--fast", action="store_true", help="bfloat16/float16 model")
+    ev.add_argument(
+        "--backend",
+        default="fast",
+        choices=("fast", "museval"),
+        help="metrics: fast (museval's numbers, batched in torch) or museval itself",
+    )
+    ev.add_argument(
+        "--jobs", type=_positive_int, default=1, help="tracks scored in parallel (default 1)"
+    )
+    ev.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
+    ev.add_argument("--verbose", action="store_true", help="more logging")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from splitstems.evaluate import evaluate, find_tracks
+    from splitstems.separator import Separator
+
+    find_tracks(args.mus_dir, args.subset, names=args.tracks)  # a bad dataset fails first
+
+    options = {
+        "mwf": args.mwf,
+        "mwf_iterations": args.mwf_iterations,
+        "overlap": args.overlap,
+        "shifts": args.shifts,
+        "mask_extension": args.mask_extension,
+        "precision": "fast" if args.fast else "float32",
+    }
+    try:
+        separator = Separator(
+            args.params,
+            MWF=args.mwf,
+            model_dir=args.model_dir,
+            device=args.device,
+            precision=options["precision"],
+            overlap=args.overlap,
+            mwf_iterations=args.mwf_iterations,
+            shifts=args.shifts,
+            mask_extension=args.mask_extension,
+        )
+    except (SplitstemsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    summary = evaluate(
+        separator.separate,
+        args.mus_dir,
+        args.output_path,
+        subset=args.subset,
+        tracks=args.tracks,
+        backend=args.backend,
+        jobs=args.jobs,
+        progress=sys.stderr.isatty(),
+        settings={"model": args.params, **options},
+    )
+    print(
+        f"{summary.settings['tracks']} {args.subset} tracks in {summary.elapsed:.1f} s; "
+        "median over frames, then over tracks (dB):"
+    )
+    print(summary.table())
+    if summary.unscored:
+        print(f"not scored (no truth in MUSDB): {', '.join(summary.unscored)}")
+    print(f"per track: {Path(args.output_path) / args.subset}/*.json")
+    return EXIT_OK
 
 
 def _separate(args: argparse.Namespace) -> int:
@@ -183,13 +333,11 @@ def _separate(args: argparse.Namespace) -> int:
             f"error: no input files{f' found in {given}' if given else ' given'}", file=sys.stderr
         )
         return EXIT_USAGE
-    if args.mwf:
-        print("error: --mwf is not available yet", file=sys.stderr)
-        return EXIT_USAGE
     try:
         check_encoding(args.codec, bitrate=args.bitrate, bit_depth=args.bit_depth)
         separator = Separator(
             args.params,
+            MWF=args.mwf,
             model_dir=args.model_dir,
             device=args.device,
             precision="fast" if args.fast else "float32",
@@ -272,6 +420,47 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train(args: argparse.Namespace) -> int:
+    from splitstems.train import train
+
+    result = train(
+        args.params,
+        data_root=args.data_root,
+        mus_dir=args.mus_dir,
+        output=args.output,
+        resume=args.resume,
+        init=args.init,
+        init_model_dir=args.model_dir,
+        freeze_encoder=args.freeze_encoder,
+        device=args.device,
+        max_steps=args.steps,
+        augmentation=args.augment,
+        batch_norm=args.batch_norm,
+        cache_dir=args.cache_dir,
+        validate=not args.no_validation,
+        progress=sys.stderr.isatty(),
+    )
+    if result.skipped:
+        print(
+            f"{len(result.skipped)} of {sum(result.n_songs)} songs skipped "
+            f"(see the warnings above)",
+            file=sys.stderr,
+        )
+    summary = f"step {result.step}, {result.steps_per_second:.2f} steps/s"
+    if result.validation:
+        last = result.validation[-1]
+        sdrs = ", ".join(f"{k} {v:.2f} dB" for k, v in last["val_sdr"].items())
+        summary += f"; validation loss {last['val_loss']:.4f}, SDR {sdrs}"
+    print(f"{result.model_dir}: {summary}")
+    if result.interrupted:
+        print(
+            f"interrupted: checkpoint saved at step {result.step}; --resume continues",
+            file=sys.stderr,
+        )
+        return 130
+    return EXIT_OK
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM/SIGHUP, raised like Ctrl-C so that partial outputs are removed."""
 
@@ -291,7 +480,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s:%(name)s:%(message)s",
     )
-    handlers = {"separate": _separate, "models": _models, "convert": _convert}
+    handlers = {
+        "separate": _separate,
+        "models": _models,
+        "convert": _convert,
+        "train": _train,
+        "evaluate": _evaluate,
+    }
     try:
         return handlers[args.command](args)
     except SplitstemsError as exc:

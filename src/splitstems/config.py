@@ -16,6 +16,7 @@ from typing import Any
 from splitstems.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_CONV_N_FILTERS",
     "ModelConfig",
     "RELEASED_MODELS",
     "MODEL_TYPES",
@@ -36,6 +37,9 @@ RELEASED_MODELS: tuple[str, ...] = (
 MODEL_TYPES = ("unet.unet", "unet.softmax_unet")
 ACTIVATIONS = ("ReLU", "ELU", "LeakyReLU")
 MASK_EXTENSIONS = ("zeros", "average")
+#: Encoder filters of Spleeter's U-Net (``model.params.conv_n_filters``; the decoder mirrors
+#: them). Every released model uses these.
+DEFAULT_CONV_N_FILTERS: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class ModelConfig:
     model_type: str = "unet.unet"
     conv_activation: str = "LeakyReLU"
     deconv_activation: str = "ReLU"
+    conv_n_filters: tuple[int, ...] = DEFAULT_CONV_N_FILTERS
     train: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -77,6 +82,12 @@ class ModelConfig:
     def to_json_dict(self) -> dict[str, Any]:
         """Return the config in Spleeter's JSON layout (round-trips through ``from_dict``)."""
         out: dict[str, Any] = dict(self.train)
+        params: dict[str, Any] = {
+            "conv_activation": self.conv_activation,
+            "deconv_activation": self.deconv_activation,
+        }
+        if self.conv_n_filters != DEFAULT_CONV_N_FILTERS:
+            params["conv_n_filters"] = list(self.conv_n_filters)
         out.update(
             {
                 "model_dir": self.model_dir,
@@ -90,13 +101,7 @@ class ModelConfig:
                 "n_channels": self.n_channels,
                 "separation_exponent": self.separation_exponent,
                 "mask_extension": self.mask_extension,
-                "model": {
-                    "type": self.model_type,
-                    "params": {
-                        "conv_activation": self.conv_activation,
-                        "deconv_activation": self.deconv_activation,
-                    },
-                },
+                "model": {"type": self.model_type, "params": params},
             }
         )
         return out
@@ -140,6 +145,20 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{source}: 'separation_exponent' must be a positive number")
             kwargs["separation_exponent"] = float(value)
+        if "conv_n_filters" in params:
+            filters = params["conv_n_filters"]
+            if (
+                not isinstance(filters, list)
+                or len(filters) != len(DEFAULT_CONV_N_FILTERS)
+                or not all(
+                    isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in filters
+                )
+            ):
+                raise ConfigError(
+                    f"{source}: 'conv_n_filters' must be a list of "
+                    f"{len(DEFAULT_CONV_N_FILTERS)} positive integers, got {filters!r}"
+                )
+            kwargs["conv_n_filters"] = tuple(filters)
         kwargs.setdefault("model_dir", name)
         config = cls(
             name=name,

@@ -6,6 +6,17 @@ stream (after Spleeter's prepended frame of zeros), runs the model on whole segm
 soon as their samples are in, and carries the STFT overlap (``frame_length - frame_step``
 samples) across chunk boundaries. Output is therefore the same, sample for sample, as
 running the original on the whole track at once, while memory is bounded by the chunk.
+
+Two options change what is computed, not how much memory it takes:
+
+- ``mwf``: norbert's multichannel Wiener filter instead of ratio masks. Its spatial
+  covariances are sums over the whole track, so the input is read ``iterations + 1``
+  times: the first passes run the model and only collect statistics
+  (:class:`splitstems.wiener.StreamingWiener`), the last one filters and emits. The input
+  must then be replayable (a list of chunks, or a callable that opens the stream anew).
+- ``shifts``: test-time augmentation. The input is also separated delayed by multiples
+  of ``SHIFT_SPACING / shifts`` samples (the U-Net's strided grid and the segment grid
+  move), and the aligned outputs are averaged.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from splitstems import dsp
 from splitstems.config import ModelConfig
 from splitstems.models.fast import FastSpleeterModel, fuse_for_inference
 from splitstems.models.unet import SpleeterModel
+from splitstems.wiener import StreamingWiener
 
 __all__ = ["pick_device", "Engine", "PRECISIONS", "prefetch", "OrderedWorker"]
 
@@ -32,6 +44,12 @@ __all__ = ["pick_device", "Engine", "PRECISIONS", "prefetch", "OrderedWorker"]
 PRECISIONS = ("float32", "fast")
 #: Longest cross-fade, in STFT frames (~0.74 s at 44.1 kHz), between overlapping segments.
 CROSSFADE_FRAMES = 32
+#: Test-time shifts delay the input by multiples of ``SHIFT_SPACING / shifts`` samples
+#: (4 STFT hops: the U-Net's strided grid and the segment grid move; measured in the README).
+SHIFT_SPACING = 4096
+
+#: What :meth:`Engine.stream` reads: chunks, or (for several passes) a callable opening them.
+ChunkSource = Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]]
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -71,6 +89,11 @@ class Engine:
             original's grid); see :meth:`segment_weights` for how they are joined.
         fuse: run the fused inference form of the model (:mod:`splitstems.models.fast`);
             False runs the plain modules (the reference, slower).
+        mwf: multichannel Wiener filter (norbert's, as the original's ``--mwf``) instead
+            of ratio masks; the input is read ``mwf_iterations + 1`` times.
+        mwf_iterations: EM iterations of the Wiener filter (the original: 1).
+        shifts: average the separations of the input delayed by ``k * SHIFT_SPACING /
+            shifts`` samples, ``k = 0 .. shifts-1`` (1 = no averaging, the original).
     """
 
     def __init__(
@@ -84,6 +107,9 @@ class Engine:
         precision: str = "float32",
         overlap: float = 0.0,
         fuse: bool = True,
+        mwf: bool = False,
+        mwf_iterations: int = 1,
+        shifts: int = 1,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -103,6 +129,28 @@ class Engine:
         self.batch_segments = max(1, int(batch_segments))
         self.mask_extension = mask_extension or config.mask_extension
         self.window = dsp.hann_window(config.frame_length, device=self.device)
+        if mwf_iterations < 0:
+            raise ValueError(f"mwf_iterations must be >= 0, got {mwf_iterations}")
+        if shifts < 1:
+            raise ValueError(f"shifts must be >= 1, got {shifts}")
+        self.mwf = bool(mwf)
+        self.mwf_iterations = int(mwf_iterations)
+        self.shifts = int(shifts)
+
+    @property
+    def n_passes(self) -> int:
+        """How many times :meth:`stream` reads its input (more than once with the MWF)."""
+        return self.mwf_iterations + 1 if self.mwf else 1
+
+    @property
+    def shift_offsets(self) -> list[int]:
+        """Delays (samples) of the input for the test-time shifts, the first 0."""
+        return [k * SHIFT_SPACING // self.shifts for k in range(self.shifts)]
+
+    @property
+    def work_factor(self) -> int:
+        """Model runs per segment of input (passes times shifts), for progress reports."""
+        return self.n_passes * self.shifts
 
     @property
     def instruments(self) -> tuple[str, ...]:
@@ -130,7 +178,7 @@ class Engine:
     @torch.inference_mode()
     def stream(
         self,
-        chunks: Iterable[np.ndarray],
+        chunks: ChunkSource,
         *,
         on_segments: Callable[[int], None] | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
@@ -138,9 +186,59 @@ class Engine:
 
         Yields dicts instrument → ``(n, n_channels)`` float32 arrays; their concatenation
         is the separation of the concatenated input, same length. ``on_segments(k)`` is
-        called after each model batch of ``k`` segments (for progress bars).
+        called after each model batch of ``k`` segments (for progress bars; with the MWF
+        or shifts, :attr:`work_factor` times per segment of input).
+
+        With the MWF, ``chunks`` is read :attr:`n_passes` times: pass a list or a callable
+        that returns a fresh iterable of the same chunks (a one-shot iterator is refused).
         """
-        state = _StreamState(self, on_segments)
+        opened = _opener(chunks, self.n_passes)
+        filters = [self._new_wiener() if self.mwf else None for _ in self.shift_offsets]
+        for _ in range(self.n_passes - 1):  # MWF statistics passes: nothing to emit
+            states = self._states(on_segments, filters)
+            for _ in self._drive(states, opened()):
+                pass
+            for wiener in filters:
+                wiener.end_pass()  # type: ignore[union-attr]
+        states = self._states(on_segments, filters)
+        if len(states) == 1:
+            for outputs in self._drive(states, opened()):
+                yield from outputs[0]
+            return
+        merger = _ShiftMerger(len(states), self.instruments)
+        for outputs in self._drive(states, opened()):
+            for index, stems in enumerate(outputs):
+                for chunk in stems:
+                    merger.push(index, chunk)
+            merged = merger.pop()
+            if merged is not None:
+                yield merged
+
+    def _new_wiener(self) -> StreamingWiener:
+        cfg = self.config
+        n_bins = cfg.F if self.mask_extension == "zeros" else cfg.n_bins
+        return StreamingWiener(
+            len(cfg.instruments),
+            cfg.n_channels,
+            min(n_bins, cfg.n_bins),
+            iterations=self.mwf_iterations,
+            device=self.device,
+        )
+
+    def _states(
+        self,
+        on_segments: Callable[[int], None] | None,
+        filters: list[StreamingWiener | None],
+    ) -> list[_StreamState]:
+        return [
+            _StreamState(self, on_segments, shift=shift, wiener=wiener)
+            for shift, wiener in zip(self.shift_offsets, filters, strict=True)
+        ]
+
+    def _drive(
+        self, states: list[_StreamState], chunks: Iterable[np.ndarray]
+    ) -> Iterator[list[list[dict[str, np.ndarray]]]]:
+        """Feed every state the same pieces; yield each state's outputs per step."""
         piece = self.batch_segments * self.segment_samples
         for chunk in chunks:
             array = np.asarray(chunk, dtype=np.float32)
@@ -149,8 +247,9 @@ class Engine:
                     f"expected a (n_samples, {self.config.n_channels}) waveform, got {array.shape}"
                 )
             for begin in range(0, array.shape[0], piece):  # bounded work per step
-                yield from state.feed(array[begin : begin + piece])
-        yield from state.finish()
+                part = array[begin : begin + piece]
+                yield [list(state.feed(part)) for state in states]
+        yield [list(state.finish()) for state in states]
 
     def segment_weights(self) -> torch.Tensor:
         """Cross-fade weights of one segment's frames, shape (T,).
@@ -171,6 +270,23 @@ class Engine:
     def estimate(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Model estimates for segments (S, C, T, F) → (S, I, C, T, F), float32."""
         return self.model(magnitude.to(self.dtype)).float()
+
+    def wiener_inputs(
+        self, estimates: torch.Tensor, spec: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Magnitudes and mixture STFT the Wiener filter sees, over the bins it filters.
+
+        "zeros": the model's F bins (the original: the estimates are zero above F, so
+        the filtered stems are too). "average": above F, each source's magnitude is the
+        mixture's times the source's ratio mask averaged over frequency (what the
+        "average" mask extension does to the ratio masks).
+        """
+        n_model_bins = estimates.shape[-1]
+        if self.mask_extension == "zeros" or spec.shape[-1] <= n_model_bins:
+            return estimates, spec[..., :n_model_bins]
+        masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
+        extra = masks.mean(dim=-1, keepdim=True) * spec[..., n_model_bins:].abs()
+        return torch.cat([estimates, extra], dim=-1), spec
 
     def apply_masks(self, estimates: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
         """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs (I, C, n, ≤bins).
@@ -198,15 +314,27 @@ class _StreamState:
     iSTFT, overlap-added with the tail carried from the previous step → output samples.
     """
 
-    def __init__(self, engine: Engine, on_segments: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        on_segments: Callable[[int], None] | None,
+        *,
+        shift: int = 0,
+        wiener: StreamingWiener | None = None,
+    ) -> None:
         cfg = engine.config
         self.engine, self.on_segments = engine, on_segments
+        self.wiener = wiener
+        # a statistics pass of the Wiener filter: frames are observed, nothing is emitted
+        self.collecting = wiener is not None and wiener.collecting
+        self.shift = shift  # zeros before the input (test-time shift), dropped on output
         self.hop, self.n_fft, self.T = cfg.frame_step, cfg.frame_length, cfg.T
         self.step = cfg.T - engine.overlap_frames  # frames between segment starts
         self.weights = engine.segment_weights() if engine.overlap_frames else None
         device, n_ch, n_inst = engine.device, cfg.n_channels, len(cfg.instruments)
-        self.samples = torch.zeros(n_ch, self.n_fft)  # padded coords from frame self.frame0
-        self.n_input = 0
+        # padded coords from frame self.frame0
+        self.samples = torch.zeros(n_ch, self.n_fft + shift)
+        self.n_input = shift
         self.frame0 = 0  # first frame of spec / acc / weight_sum, not yet output
         self.spec = torch.zeros(n_ch, 0, cfg.n_bins, dtype=torch.complex64, device=device)
         self.acc = torch.zeros(n_inst, n_ch, 0, cfg.F, device=device)
@@ -230,7 +358,7 @@ class _StreamState:
         yield from self._output(self.next_segment)
 
     def finish(self) -> Iterator[dict[str, np.ndarray]]:
-        if self.n_input == 0:
+        if self.n_input == self.shift:
             return
         total = dsp.n_frames_for(self.n_input, frame_length=self.n_fft, frame_step=self.hop)
         need = (total - self.n_frames_in - 1) * self.hop + self.n_fft  # pad_end zeros
@@ -306,21 +434,38 @@ class _StreamState:
         estimates = self.acc[:, :, :n]
         if self.weights is not None:
             estimates = estimates / self.weight_sum[:n, None]
-        stems = self.engine.apply_masks(estimates, self.spec[:, :n])
+        spec = self.spec[:, :n]
+        if self.wiener is None:
+            stems = self.engine.apply_masks(estimates, spec)
+        else:
+            magnitudes, mixture = self.engine.wiener_inputs(estimates, spec)
+            if self.collecting:
+                self.wiener.observe(magnitudes, mixture, full_x=spec)
+                self._drop(n)
+                return
+            stems = self.wiener.apply(magnitudes, mixture)
         signal = dsp.istft(stems, self.engine.window, frame_step=self.hop)  # from frame0 * hop
         overlap = self.tail.shape[-1]
         signal[..., :overlap] += self.tail
         self.tail = signal[..., n * self.hop :].clone()
+        self._drop(n)
+        end = min(self.frame0 * self.hop, self.n_fft + self.n_input)
+        yield from self._emit(signal[..., : end - self.emitted], end)
+
+    def _drop(self, n: int) -> None:
+        """Forget the first ``n`` frames (they are done)."""
         self.spec = self.spec[:, n:]
         self.acc = self.acc[:, :, n:]
         self.weight_sum = self.weight_sum[n:]
         self.frame0 += n
-        end = min(self.frame0 * self.hop, self.n_fft + self.n_input)
-        yield from self._emit(signal[..., : end - self.emitted], end)
 
     def _emit(self, samples: torch.Tensor, end: int) -> Iterator[dict[str, np.ndarray]]:
         """Yield ``samples`` (I, C, n) covering padded positions [emitted, end)."""
-        start = max(self.emitted, self.n_fft)  # drop the prepended frame of zeros
+        if self.collecting:
+            self.emitted = end
+            return
+        # drop the prepended frame of zeros and the shift's zeros
+        start = max(self.emitted, self.n_fft + self.shift)
         keep = samples[..., start - self.emitted :]
         self.emitted = end
         if keep.shape[-1] > 0:
@@ -329,6 +474,63 @@ class _StreamState:
                 name: np.ascontiguousarray(host[i].T)
                 for i, name in enumerate(self.engine.instruments)
             }
+
+
+def _opener(chunks: ChunkSource, n_passes: int) -> Callable[[], Iterable[np.ndarray]]:
+    """Return a callable that gives the chunks once per pass (refusing one-shot iterators)."""
+    if callable(chunks):
+        return chunks  # type: ignore[return-value]
+    if n_passes > 1 and iter(chunks) is chunks:  # type: ignore[arg-type]
+        raise ValueError(
+            "the Wiener filter reads the input more than once: pass a list of chunks "
+            "or a callable that opens the stream again, not a one-shot iterator"
+        )
+    return lambda: chunks  # type: ignore[return-value]
+
+
+class _ShiftMerger:
+    """Averages the outputs of several streams of the same length, as they arrive."""
+
+    def __init__(self, n_streams: int, instruments: tuple[str, ...]) -> None:
+        self.instruments = instruments
+        self.pending: list[list[dict[str, np.ndarray]]] = [[] for _ in range(n_streams)]
+        self.available = [0] * n_streams
+
+    def push(self, index: int, stems: dict[str, np.ndarray]) -> None:
+        self.pending[index].append(stems)
+        self.available[index] += next(iter(stems.values())).shape[0]
+
+    def pop(self) -> dict[str, np.ndarray] | None:
+        """Return the average of the samples that every stream has delivered (None: none yet)."""
+        n = min(self.available)
+        if n == 0:
+            return None
+        total: dict[str, np.ndarray] = {}
+        for index, queue_ in enumerate(self.pending):
+            taken = self._take(queue_, n)
+            for name in self.instruments:
+                total[name] = taken[name] if name not in total else total[name] + taken[name]
+            self.available[index] -= n
+        scale = np.float32(1.0 / len(self.pending))
+        return {name: samples * scale for name, samples in total.items()}
+
+    def _take(self, queue_: list[dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.instruments}
+        need = n
+        while need:
+            head = queue_[0]
+            size = next(iter(head.values())).shape[0]
+            if size <= need:
+                queue_.pop(0)
+                for name in self.instruments:
+                    parts[name].append(head[name])
+                need -= size
+            else:
+                for name in self.instruments:
+                    parts[name].append(head[name][:need])
+                queue_[0] = {name: head[name][need:] for name in self.instruments}
+                need = 0
+        return {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
 
 
 T_co = TypeVar("T_co")

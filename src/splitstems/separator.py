@@ -117,7 +117,8 @@ class Separator:
     Args:
         params_descriptor: a model name (``spleeter:2stems``, ``spleeter:4stems-16kHz``...)
             or the path of a Spleeter JSON config.
-        MWF: use the multichannel Wiener filter (not available yet: raises).
+        MWF: use the multichannel Wiener filter (norbert's, as the original) instead of
+            ratio masks; files are then read ``mwf_iterations + 1`` times.
         multiprocess: accepted for compatibility with Spleeter; unused.
         model_dir: folder holding the weights (see :func:`splitstems.hub.resolve_weights`).
         device: "cpu", "cuda", "mps" or None (automatic).
@@ -127,6 +128,8 @@ class Separator:
             (bfloat16 on the CPU, float16 on GPUs: about 45 dB from the faithful output).
         overlap: overlap of consecutive model segments (0 = the original's output; 0.5
             removes the seams at segment boundaries).
+        mwf_iterations: EM iterations of the Wiener filter (the original: 1).
+        shifts: average over this many time-shifted separations (1 = the original).
         download: whether missing released weights may be downloaded.
         progress: show a progress bar while downloading.
     """
@@ -143,11 +146,11 @@ class Separator:
         mask_extension: str | None = None,
         precision: str = "float32",
         overlap: float = 0.0,
+        mwf_iterations: int = 1,
+        shifts: int = 1,
         download: bool = True,
         progress: bool = True,
     ) -> None:
-        if MWF:
-            raise NotImplementedError("the multichannel Wiener filter (MWF) is not available yet")
         model, config = load_model(
             params_descriptor, model_dir=model_dir, download=download, progress=progress
         )
@@ -160,6 +163,9 @@ class Separator:
             mask_extension=mask_extension,
             precision=precision,
             overlap=overlap,
+            mwf=MWF,
+            mwf_iterations=mwf_iterations,
+            shifts=shifts,
         )
 
     @property
@@ -237,14 +243,17 @@ class Separator:
             filename_format=filename_format,
         )
         audio.probe(source)  # fail on a bad input before any output file is opened
-        chunks = audio.stream(
-            source,
-            chunk_samples=int(CHUNK_SECONDS * self.sample_rate),
-            offset=offset,
-            duration=duration,
-            sample_rate=self.sample_rate,
-            n_channels=self.config.n_channels,
-        )
+
+        def chunks() -> Iterator[np.ndarray]:  # opened once per pass (MWF: several)
+            return audio.stream(
+                source,
+                chunk_samples=int(CHUNK_SECONDS * self.sample_rate),
+                offset=offset,
+                duration=duration,
+                sample_rate=self.sample_rate,
+                n_channels=self.config.n_channels,
+            )
+
         created = _missing_parents(paths.values())
         try:
             self._write_stems(source, chunks, paths, codec, bitrate, bit_depth, on_progress)
@@ -261,14 +270,16 @@ class Separator:
     def _write_stems(
         self,
         source: Path,
-        chunks: Iterator[np.ndarray],
+        chunks: Callable[[], Iterator[np.ndarray]],
         paths: dict[str, Path],
         codec: str,
         bitrate: str,
         bit_depth: int | str,
         on_progress: Callable[[float], None] | None,
     ) -> None:
-        seconds_per_segment = self.engine.segment_samples / self.sample_rate
+        seconds_per_segment = (
+            self.engine.segment_samples / self.sample_rate / self.engine.work_factor
+        )
 
         def progress(n_segments: int) -> None:
             if on_progress is not None:
@@ -294,10 +305,12 @@ class Separator:
                     writers[name].write(samples)
 
             # Decoding runs ahead and encoding behind, in threads, overlapping the model.
+            def inputs() -> Iterator[np.ndarray]:
+                return prefetch(_checked(chunks(), source), depth=2)
+
             encoder = OrderedWorker(depth=2)
             n_written = 0
             try:
-                inputs = prefetch(_checked(chunks, source), depth=2)
                 for stems in self.engine.stream(inputs, on_segments=progress):
                     encoder.submit(write, stems)
                     n_written += next(iter(stems.values())).shape[0]

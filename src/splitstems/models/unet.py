@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from splitstems.config import ModelConfig
+from splitstems.config import DEFAULT_CONV_N_FILTERS, ModelConfig
 
 __all__ = ["UNet", "SpleeterModel", "ENCODER_FILTERS", "DECODER_FILTERS"]
 
-ENCODER_FILTERS = (16, 32, 64, 128, 256, 512)
+ENCODER_FILTERS = DEFAULT_CONV_N_FILTERS  # (16, 32, 64, 128, 256, 512)
 DECODER_FILTERS = (256, 128, 64, 32, 16, 1)
 KERNEL = 5
 BN_EPSILON = 1e-3  # Keras BatchNormalization default
@@ -72,7 +72,11 @@ class DecoderBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """One instrument's U-Net (~9.8 M parameters), returning a mask or mask logits."""
+    """One instrument's U-Net (~9.8 M parameters), returning a mask or mask logits.
+
+    ``conv_n_filters`` are the six encoder filter counts (Spleeter's model parameter of the
+    same name); the decoder mirrors them: ``(f[4], f[3], f[2], f[1], f[0], 1)``.
+    """
 
     def __init__(
         self,
@@ -80,24 +84,27 @@ class UNet(nn.Module):
         *,
         conv_activation: str = "LeakyReLU",
         deconv_activation: str = "ReLU",
+        conv_n_filters: tuple[int, ...] = ENCODER_FILTERS,
     ) -> None:
         super().__init__()
-        in_channels = (n_channels, *ENCODER_FILTERS[:-1])
+        encoder_filters = tuple(conv_n_filters)
+        decoder_filters = (*reversed(encoder_filters[:-1]), 1)  # 256, 128, 64, 32, 16, 1
+        in_channels = (n_channels, *encoder_filters[:-1])
         self.encoder = nn.ModuleList(
             EncoderBlock(i, o, conv_activation)
-            for i, o in zip(in_channels, ENCODER_FILTERS, strict=True)
+            for i, o in zip(in_channels, encoder_filters, strict=True)
         )
-        skips = tuple(reversed(ENCODER_FILTERS[:-1]))  # 256, 128, 64, 32, 16
+        skips = tuple(reversed(encoder_filters[:-1]))  # 256, 128, 64, 32, 16
         dec_in = (
-            ENCODER_FILTERS[-1],
-            *(s + d for s, d in zip(skips, DECODER_FILTERS[:-1], strict=True)),
+            encoder_filters[-1],
+            *(s + d for s, d in zip(skips, decoder_filters[:-1], strict=True)),
         )
         self.decoder = nn.ModuleList(
             DecoderBlock(i, o, deconv_activation, dropout=j < 3)
-            for j, (i, o) in enumerate(zip(dec_in, DECODER_FILTERS, strict=True))
+            for j, (i, o) in enumerate(zip(dec_in, decoder_filters, strict=True))
         )
         # Conv2D(n_channels, 4x4, dilation 2, "same"): symmetric padding 3.
-        self.output = nn.Conv2d(DECODER_FILTERS[-1], n_channels, 4, dilation=2, padding=3)
+        self.output = nn.Conv2d(decoder_filters[-1], n_channels, 4, dilation=2, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Magnitudes (B, n_channels, T, F) → mask logits (B, n_channels, T, F)."""
@@ -129,6 +136,7 @@ class SpleeterModel(nn.Module):
                     config.n_channels,
                     conv_activation=config.conv_activation,
                     deconv_activation=config.deconv_activation,
+                    conv_n_filters=config.conv_n_filters,
                 )
                 for name in self.instruments
             }

@@ -1,0 +1,152 @@
+"""The multichannel Wiener filter: equal to norbert, streamed, and to the original's --mwf."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from splitstems import audio
+from splitstems.cli import main
+from splitstems.engine import Engine
+from splitstems.wiener import StreamingWiener, wiener
+
+MIN_SDR_DB = 50.0
+
+
+def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Plain SDR in dB (complex or real arrays)."""
+    reference = reference.astype(np.complex128 if np.iscomplexobj(reference) else np.float64)
+    error = np.sum(np.abs(reference - estimate) ** 2)
+    return float(10 * np.log10(np.sum(np.abs(reference) ** 2) / max(error, 1e-300)))
+
+
+def random_problem(
+    rng: np.random.Generator, n_frames: int = 40, n_bins: int = 33, n_sources: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitudes (frames, bins, 2, sources) and a mixture STFT shaped like a real one."""
+    shape = (n_frames, n_bins, 2)
+    sources = (
+        rng.standard_normal((*shape, n_sources)) + 1j * rng.standard_normal((*shape, n_sources))
+    ) * rng.uniform(0.01, 30, (1, n_bins, 1, n_sources))
+    x = sources.sum(axis=-1).astype(np.complex64)
+    v = (np.abs(sources) * rng.uniform(0.5, 1.5, sources.shape)).astype(np.float32)
+    v[:, -5:] = 0  # bins where the model says nothing (above F)
+    return v, x
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 2])
+@pytest.mark.parametrize("use_softmask", [True, False])
+def test_wiener_equals_norbert(rng, iterations, use_softmask):
+    norbert = pytest.importorskip("norbert")
+    v, x = random_problem(rng)
+    expected = norbert.wiener(v.copy(), x.copy(), iterations=iterations, use_softmask=use_softmask)
+    ours = wiener(
+        torch.from_numpy(v), torch.from_numpy(x), iterations=iterations, use_softmask=use_softmask
+    ).numpy()
+    assert ours.shape == expected.shape and ours.dtype == np.complex64
+    for j in range(v.shape[-1]):
+        assert sdr(expected[..., j], ours[..., j]) > 100.0, j
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+def test_streaming_wiener_equals_whole_track(rng, iterations):
+    v, x = random_problem(rng, n_frames=57)
+    expected = wiener(torch.from_numpy(v), torch.from_numpy(x), iterations=iterations)
+    magnitudes = torch.from_numpy(v).permute(3, 2, 0, 1)  # (I, C, n, B)
+    mixture = torch.from_numpy(x).permute(2, 0, 1)  # (C, n, B)
+    n_used = v.shape[1] - 5  # the filter only sees the bins with estimates
+    stream = StreamingWiener(v.shape[-1], 2, n_used, iterations=iterations)
+    assert stream.n_passes == iterations + 1
+    blocks = [(0, 7), (7, 30), (30, 31), (31, 57)]
+    outputs = []
+    for _ in range(stream.n_passes):
+        for lo, hi in blocks:
+            v_block = magnitudes[:, :, lo:hi, :n_used]
+            x_block = mixture[:, lo:hi]
+            if stream.collecting:
+                stream.observe(v_block, x_block[..., :n_used], full_x=x_block)
+            else:
+                outputs.append(stream.apply(v_block, x_block[..., :n_used]))
+        if stream.collecting:
+            stream.end_pass()
+    streamed = torch.cat(outputs, dim=2).permute(2, 3, 1, 0).numpy()
+    whole = expected.numpy()
+    assert np.all(whole[:, n_used:] == 0)  # no estimate above F: silence, as the original
+    for j in range(v.shape[-1]):
+        assert sdr(whole[:, :n_used, :, j], streamed[..., j]) > 100.0
+
+
+@pytest.fixture(scope="module")
+def mwf_engine(separator_2stems) -> Engine:
+    """An MWF engine on the already loaded 2stems model."""
+    base = separator_2stems.engine
+    return Engine(base.model, base.config, device="cpu", mwf=True)
+
+
+def test_mwf_matches_original_spleeter(mwf_engine, shared_dir):
+    # concat_3 spans two model segments: the statistics cover both
+    name = "concat_3"
+    ref_dir = shared_dir / "audio" / "reference"
+    waveform = audio.load(ref_dir / "inputs" / f"{name}.wav")
+    stems = mwf_engine.separate(waveform)
+    for instrument, estimate in stems.items():
+        reference = audio.load(ref_dir / "2stems" / "mwf" / name / f"{instrument}.flac")
+        assert estimate.shape == reference.shape == waveform.shape
+        assert sdr(reference, estimate) >= MIN_SDR_DB, (name, instrument)
+
+
+@pytest.mark.usefixtures("use_shared_models")
+def test_separate_command_with_mwf_matches_original_spleeter(shared_dir, tmp_path):
+    ref_dir = shared_dir / "audio" / "reference"
+    args = ["separate", "--mwf", "--bit-depth", "32f", "-o", str(tmp_path), "--device", "cpu"]
+    assert main([*args, str(ref_dir / "inputs" / "BKS_Too_Much.wav")]) == 0
+    for instrument in ("vocals", "accompaniment"):
+        reference = audio.load(ref_dir / "2stems" / "mwf" / "BKS_Too_Much" / f"{instrument}.flac")
+        estimate = audio.load(tmp_path / "BKS_Too_Much" / f"{instrument}.wav")
+        assert sdr(reference, estimate) >= MIN_SDR_DB, instrument
+
+
+def test_average_extension_gives_the_filter_every_bin(separator_2stems, rng):
+    base = separator_2stems.engine
+    engine = Engine(base.model, base.config, mwf=True, mask_extension="average")
+    estimates = torch.from_numpy(rng.uniform(0, 2, (2, 2, 5, base.config.F)).astype(np.float32))
+    spec = torch.randn(2, 5, base.config.n_bins, dtype=torch.complex64)
+    magnitudes, mixture = engine.wiener_inputs(estimates, spec)
+    assert mixture.shape == spec.shape and magnitudes.shape == (2, 2, 5, base.config.n_bins)
+    torch.testing.assert_close(magnitudes[..., : base.config.F], estimates)
+    masks = estimates**2 / (estimates**2).sum(dim=0)
+    expected = masks.mean(dim=-1, keepdim=True) * spec[..., base.config.F :].abs()
+    torch.testing.assert_close(magnitudes[..., base.config.F :], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_mwf_streams_in_any_chunks(mwf_engine, rng):
+    waveform = rng.uniform(-0.5, 0.5, (3 * 44100 + 17, 2)).astype(np.float32)
+    whole = mwf_engine.separate(waveform)
+    cuts = [0, 1000, 50_000, 50_001, 100_000, waveform.shape[0]]
+    pieces = [waveform[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    streamed = list(mwf_engine.stream(lambda: iter(pieces)))
+    for name, samples in whole.items():
+        joined = np.concatenate([chunk[name] for chunk in streamed])
+        np.testing.assert_allclose(joined, samples, atol=1e-6)
+
+
+def test_mwf_refuses_one_shot_iterators(mwf_engine):
+    chunks = iter([np.zeros((44100, 2), np.float32)])
+    with pytest.raises(ValueError, match="more than once"):
+        list(mwf_engine.stream(chunks))
+
+
+def test_shifts_average_delayed_separations(separator_2stems, rng):
+    base = separator_2stems.engine
+    engine = Engine(base.model, base.config, device="cpu", shifts=2)
+    waveform = rng.uniform(-0.5, 0.5, (2 * 44100 + 5, 2)).astype(np.float32)
+    delay = engine.shift_offsets[1]
+    assert engine.shift_offsets == [0, delay] and delay > 0
+    plain = base.separate(waveform)
+    delayed = base.separate(np.concatenate([np.zeros((delay, 2), np.float32), waveform]))
+    shifted = engine.separate(waveform)
+    for name in plain:
+        expected = (plain[name] + delayed[name][delay:]) / 2
+        assert shifted[name].shape == waveform.shape
+        np.testing.assert_allclose(shifted[name], expected, atol=1e-6)
