@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
 from splitstems.engine import Engine, OrderedWorker, prefetch
-from splitstems.errors import AudioError, CheckpointError, OutputError
+from splitstems.errors import AudioError, OutputError
 from splitstems.models.unet import SpleeterModel
 
 __all__ = ["Separator", "load_model", "output_paths", "DEFAULT_FILENAME_FORMAT"]
@@ -42,20 +42,7 @@ def load_model(
     config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
     weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
     model = SpleeterModel(config)
-    state = load_file(str(weights))
-    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-    missing = sorted(expected - state.keys())
-    unexpected = sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights}: does not fit {config.name} "
-            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
-        )
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{weights}: does not fit {config.name} ({exc})") from None
+    model.load_weights(load_file(str(weights)), source=f"{weights} ({config.name})")
     return model.eval(), config
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from splitstems.config import DEFAULT_CONV_N_FILTERS, ModelConfig
+from splitstems.errors import CheckpointError
 
 __all__ = ["UNet", "SpleeterModel", "ENCODER_FILTERS", "DECODER_FILTERS"]
 
@@ -141,6 +142,28 @@ class SpleeterModel(nn.Module):
                 for name in self.instruments
             }
         )
+
+    def load_weights(self, state: dict[str, torch.Tensor], *, source: str) -> SpleeterModel:
+        """Load a state dict that must fit exactly (BatchNorm step counters aside).
+
+        Raises:
+            CheckpointError: names missing or unexpected, or shapes that differ;
+                ``source`` names the weights in the message.
+        """
+        expected = {k for k in self.state_dict() if not k.endswith("num_batches_tracked")}
+        missing = sorted(expected - state.keys())
+        unexpected = sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source}: the weights do not fit the model "
+                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+            )
+        try:
+            self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: the weights do not fit the model ({exc})") from None
+        return self
 
     def forward(self, magnitude: torch.Tensor) -> torch.Tensor:
         """Magnitudes (B, n_channels, T, F) → estimates (B, n_instruments, n_channels, T, F)."""

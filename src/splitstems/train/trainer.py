@@ -410,18 +410,7 @@ def train(
     # ---- model, optimizer, state
     if resume:
         start, weights, optimizer_state = checkpoint.load_checkpoint(model_dir)
-        model = SpleeterModel(config)
-        expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
-        if expected != weights.keys():
-            raise CheckpointError(
-                f"{model_dir}: the saved weights do not fit the config "
-                f"(missing {sorted(expected - weights.keys())[:3]}, "
-                f"unexpected {sorted(weights.keys() - expected)[:3]})"
-            )
-        try:
-            model.load_state_dict(weights, strict=False)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{model_dir}: does not fit the config ({exc})") from None
+        model = SpleeterModel(config).load_weights(weights, source=str(model_dir))
     else:
         start, optimizer_state = 0, None
         model = build_model(
