@@ -131,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="multichannel Wiener filter (norbert's, as the original; reads the input twice)",
     )
     sep.add_argument(
+        "--shifts",
+        type=_positive_int,
+        default=1,
+        help="average over this many time-shifted separations (default 1; 4 helps, see README)",
+    )
+    sep.add_argument(
+        "--mask-extension",
+        default=None,
+        choices=("zeros", "average"),
+        help="bins above the model's F: zeros (the original) or the mask's average",
+    )
+    sep.add_argument(
         "--overwrite", action="store_true", help="redo files whose stems exist already"
     )
     sep.add_argument(
@@ -343,6 +355,8 @@ def _separate(args: argparse.Namespace) -> int:
             precision="fast" if args.fast else "float32",
             overlap=args.overlap,
             batch_segments=args.batch_segments,
+            shifts=args.shifts,
+            mask_extension=args.mask_extension,
         )
         output_paths(
             files[0],
