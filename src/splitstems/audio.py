@@ -246,7 +246,12 @@ def _can_seek(audio: av.audio.stream.AudioStream) -> bool:
     return bool(tb) and tb.denominator % (rate * tb.numerator) == 0
 
 
-def _to_channels(name: str, data: np.ndarray, n_channels: int) -> np.ndarray:
+def to_channels(name: str, data: np.ndarray, n_channels: int) -> np.ndarray:
+    """Return ``(n, C)`` audio with ``n_channels`` channels.
+
+    Mono is duplicated; extra channels are dropped (Spleeter's behaviour), or averaged
+    when mono is asked for. ``name`` names the audio in errors.
+    """
     have = data.shape[1]
     if have == n_channels:
         return data
@@ -337,7 +342,7 @@ class _Source:
             lo = max(self.start - begin, 0)
             hi = len(data) if self.stop is None else min(self.stop - begin, len(data))
             if hi > lo:
-                yield _to_channels(self.name, data[lo:hi], n_channels)
+                yield to_channels(self.name, data[lo:hi], n_channels)
             if self.stop is not None and position >= self.stop:
                 return
         if decoded == 0:  # only possible without a seek

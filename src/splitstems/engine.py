@@ -21,7 +21,6 @@ Two options change what is computed, not how much memory it takes:
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -612,11 +611,3 @@ class OrderedWorker:
         finally:
             self._pending = []
             self._pool.shutdown(wait=True)
-
-
-def default_threads() -> int:
-    """Threads torch should use on the CPU: all cores the process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)

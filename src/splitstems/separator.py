@@ -184,7 +184,7 @@ class Separator:
             data = data[:, None]
         if data.ndim != 2 or data.shape[0] == 0:
             raise AudioError(f"waveform: expected (n_samples, n_channels) audio, got {data.shape}")
-        data = _fit_channels(data, self.config.n_channels)
+        data = audio.to_channels("waveform", data, self.config.n_channels)
         rate = sample_rate or self.sample_rate
         if rate != self.sample_rate:
             data = soxr.resample(data, rate, self.sample_rate, quality="HQ").astype(np.float32)
@@ -328,17 +328,6 @@ def _checked(chunks: Iterator[np.ndarray], source: Path) -> Iterator[np.ndarray]
         yield chunk
     if n == 0:
         raise AudioError(f"{source}: zero-length audio")
-
-
-def _fit_channels(data: np.ndarray, n_channels: int) -> np.ndarray:
-    """Duplicate mono to ``n_channels``; keep the first ``n_channels`` of wider input."""
-    if data.shape[1] == n_channels:
-        return data
-    if data.shape[1] == 1:
-        return np.repeat(data, n_channels, axis=1)
-    if data.shape[1] > n_channels:
-        return data[:, :n_channels]
-    raise AudioError(f"waveform: cannot map {data.shape[1]} channels to {n_channels}")
 
 
 def _fit_length(data: np.ndarray, n: int) -> np.ndarray:
