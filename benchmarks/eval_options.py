@@ -40,6 +40,7 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "original": ("spleeter:2stems", {}),
     "mwf": ("spleeter:2stems", {"MWF": True}),
     "mwf-2iter": ("spleeter:2stems", {"MWF": True, "mwf_iterations": 2}),
+    "mwf-exponent-0.7": ("spleeter:2stems", {"MWF": True, "mwf_exponent": 0.7}),
     "overlap-0.25": ("spleeter:2stems", {"overlap": 0.25}),
     "overlap-0.5": ("spleeter:2stems", {"overlap": 0.5}),
     "shifts-2": ("spleeter:2stems", {"shifts": 2}),
@@ -50,6 +51,10 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "16kHz+mwf+average+shifts-4": (
         "spleeter:2stems-16kHz",
         {"MWF": True, "mask_extension": "average", "shifts": 4},
+    ),
+    "16kHz+mwf-exponent-0.7+average+shifts-4": (
+        "spleeter:2stems-16kHz",
+        {"MWF": True, "mwf_exponent": 0.7, "mask_extension": "average", "shifts": 4},
     ),
     "16kHz+mwf+average+shifts-8": (
         "spleeter:2stems-16kHz",

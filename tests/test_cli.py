@@ -205,6 +205,9 @@ def test_bad_options_fail_once_up_front(song, tmp_path, capsys, args, message):
         ["-d", "inf"],
         ["--overlap", "1"],
         ["--batch-segments", "0"],
+        ["--mwf-exponent", "0"],
+        ["--mwf-exponent", "nan"],
+        ["--mwf-iterations", "-1"],
     ],
 )
 def test_bad_numbers_are_usage_errors(song, tmp_path, args):

@@ -120,6 +120,37 @@ def test_average_extension_gives_the_filter_every_bin(separator_2stems, rng):
     torch.testing.assert_close(magnitudes[..., base.config.F :], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_mwf_exponent_raises_what_the_filter_sees(separator_2stems, rng):
+    base = separator_2stems.engine
+    plain = Engine(base.model, base.config, mwf=True, mask_extension="average")
+    softer = Engine(base.model, base.config, mwf=True, mask_extension="average", mwf_exponent=0.7)
+    estimates = torch.from_numpy(rng.uniform(0, 2, (2, 2, 5, base.config.F)).astype(np.float32))
+    spec = torch.randn(2, 5, base.config.n_bins, dtype=torch.complex64)
+    magnitudes, mixture = plain.wiener_inputs(estimates, spec)
+    powered, same_mixture = softer.wiener_inputs(estimates, spec)
+    torch.testing.assert_close(same_mixture, mixture)
+    torch.testing.assert_close(powered, magnitudes**0.7)
+    assert not torch.allclose(powered, magnitudes)
+
+
+def test_mwf_exponent_changes_the_stems_and_one_is_the_original(mwf_engine, shared_dir):
+    song = shared_dir / "audio" / "reference" / "inputs" / "BKS_Too_Much.wav"
+    waveform = audio.load(song, duration=3.0)
+    base = mwf_engine.separate(waveform)
+    same = Engine(mwf_engine.model, mwf_engine.config, mwf=True, mwf_exponent=1.0)
+    softer = Engine(mwf_engine.model, mwf_engine.config, mwf=True, mwf_exponent=0.7)
+    out_same, out_soft = same.separate(waveform), softer.separate(waveform)
+    for name in base:
+        np.testing.assert_array_equal(out_same[name], base[name])
+        assert sdr(base[name], out_soft[name]) < 60.0  # a different filter, not rounding
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf")])
+def test_mwf_exponent_must_be_positive(mwf_engine, value):
+    with pytest.raises(ValueError, match="mwf_exponent"):
+        Engine(mwf_engine.model, mwf_engine.config, mwf=True, mwf_exponent=value)
+
+
 def test_mwf_streams_in_any_chunks(mwf_engine, rng):
     waveform = rng.uniform(-0.5, 0.5, (3 * 44100 + 17, 2)).astype(np.float32)
     whole = mwf_engine.separate(waveform)

@@ -91,6 +91,9 @@ class Engine:
         mwf: multichannel Wiener filter (norbert's, as the original's ``--mwf``) instead
             of ratio masks; the input is read ``mwf_iterations + 1`` times.
         mwf_iterations: EM iterations of the Wiener filter (the original: 1).
+        mwf_exponent: the Wiener filter sees the model's magnitudes raised to this power
+            (the original: 1). Below 1 the filter's initial masks are softer; 0.7 gained
+            about 0.08 dB vocals SDR over 1 on MUSDB18 previews (README, results).
         shifts: average the separations of the input delayed by ``k * SHIFT_SPACING /
             shifts`` samples, ``k = 0 .. shifts-1`` (1 = no averaging, the original).
     """
@@ -108,6 +111,7 @@ class Engine:
         fuse: bool = True,
         mwf: bool = False,
         mwf_iterations: int = 1,
+        mwf_exponent: float = 1.0,
         shifts: int = 1,
     ) -> None:
         if precision not in PRECISIONS:
@@ -132,8 +136,11 @@ class Engine:
             raise ValueError(f"mwf_iterations must be >= 0, got {mwf_iterations}")
         if shifts < 1:
             raise ValueError(f"shifts must be >= 1, got {shifts}")
+        if not 0 < mwf_exponent < float("inf"):
+            raise ValueError(f"mwf_exponent must be > 0, got {mwf_exponent}")
         self.mwf = bool(mwf)
         self.mwf_iterations = int(mwf_iterations)
+        self.mwf_exponent = float(mwf_exponent)
         self.shifts = int(shifts)
 
     @property
@@ -278,14 +285,18 @@ class Engine:
         "zeros": the model's F bins (the original: the estimates are zero above F, so
         the filtered stems are too). "average": above F, each source's magnitude is the
         mixture's times the source's ratio mask averaged over frequency (what the
-        "average" mask extension does to the ratio masks).
+        "average" mask extension does to the ratio masks). All raised to ``mwf_exponent``.
         """
         n_model_bins = estimates.shape[-1]
         if self.mask_extension == "zeros" or spec.shape[-1] <= n_model_bins:
-            return estimates, spec[..., :n_model_bins]
-        masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
-        extra = masks.mean(dim=-1, keepdim=True) * spec[..., n_model_bins:].abs()
-        return torch.cat([estimates, extra], dim=-1), spec
+            magnitudes, mixture = estimates, spec[..., :n_model_bins]
+        else:
+            masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
+            extra = masks.mean(dim=-1, keepdim=True) * spec[..., n_model_bins:].abs()
+            magnitudes, mixture = torch.cat([estimates, extra], dim=-1), spec
+        if self.mwf_exponent != 1.0:
+            magnitudes = magnitudes**self.mwf_exponent
+        return magnitudes, mixture
 
     def apply_masks(self, estimates: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
         """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs (I, C, n, ≤bins).
