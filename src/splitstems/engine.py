@@ -298,19 +298,27 @@ class Engine:
             magnitudes = magnitudes**self.mwf_exponent
         return magnitudes, mixture
 
-    def apply_masks(self, estimates: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
+    def apply_masks(
+        self, estimates: torch.Tensor, spec: torch.Tensor, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs (I, C, n, ≤bins).
 
-        With the "zeros" extension only the first F bins are returned (the rest are zero).
+        With the "zeros" extension only the first F bins are computed (the rest are zero):
+        without ``out`` only those are returned; ``out`` (I, C, n, bins), complex64, whose
+        bins above F are zero, receives them and is returned (the inverse FFT then needs
+        no zero padding of its own).
         """
         masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
         if self.mask_extension == "zeros":
-            spec = spec[..., : masks.shape[-1]]  # the bins above F are zero: iSTFT pads them
+            spec = spec[..., : masks.shape[-1]]
         else:
             masks = dsp.extend_mask(masks, n_bins=spec.shape[-1], mode=self.mask_extension)
         # real-valued mask times complex STFT, without promoting the mask to complex
-        stems = torch.view_as_real(spec).unsqueeze(0) * masks.unsqueeze(-1)
-        return torch.view_as_complex(stems)
+        spec_ri, masks_ri = torch.view_as_real(spec).unsqueeze(0), masks.unsqueeze(-1)
+        if out is None:
+            return torch.view_as_complex(spec_ri * masks_ri)
+        torch.mul(spec_ri, masks_ri, out=torch.view_as_real(out)[..., : masks.shape[-1], :])
+        return out
 
 
 class _StreamState:
@@ -352,6 +360,7 @@ class _StreamState:
         self.next_segment = 0  # start frame of the next model segment
         self.tail = torch.zeros(n_inst, n_ch, self.n_fft - self.hop, device=device)
         self.emitted = 0  # output samples (padded coords) emitted or skipped
+        self._stems: torch.Tensor | None = None  # see _stems_buffer
 
     @property
     def n_frames_in(self) -> int:
@@ -446,7 +455,7 @@ class _StreamState:
             estimates = estimates / self.weight_sum[:n, None]
         spec = self.spec[:, :n]
         if self.wiener is None:
-            stems = self.engine.apply_masks(estimates, spec)
+            stems = self.engine.apply_masks(estimates, spec, out=self._stems_buffer(n))
         else:
             magnitudes, mixture = self.engine.wiener_inputs(estimates, spec)
             if self.collecting:
@@ -461,6 +470,16 @@ class _StreamState:
         self._drop(n)
         end = min(self.frame0 * self.hop, self.n_fft + self.n_input)
         yield from self._emit(signal[..., : end - self.emitted], end)
+
+    def _stems_buffer(self, n: int) -> torch.Tensor:
+        """Return a zeroed (I, C, n, bins) complex buffer for the masked stems, kept.
+
+        Only the masked bins are rewritten each time; the others stay zero.
+        """
+        shape = (*self.acc.shape[:2], n, self.spec.shape[-1])
+        if self._stems is None or self._stems.shape != shape:
+            self._stems = torch.zeros(shape, dtype=torch.complex64, device=self.engine.device)
+        return self._stems
 
     def _drop(self, n: int) -> None:
         """Forget the first ``n`` frames (they are done)."""

@@ -69,12 +69,17 @@ def tf_pad(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _empty_channels_last(like: torch.Tensor, *size: int) -> torch.Tensor:
+    """Return an uninitialised channels-last tensor of ``size``, dtype and device of ``like``."""
+    return torch.empty(
+        size, dtype=like.dtype, device=like.device, memory_format=torch.channels_last
+    )
+
+
 def _zero_bordered(like: torch.Tensor) -> torch.Tensor:
     """Return an uninitialised (B, C, H+3, W+3) channels-last buffer with zero TF padding."""
     batch, channels, height, width = like.shape
-    out = like.new_empty(batch, channels, height + 3, width + 3).contiguous(
-        memory_format=torch.channels_last
-    )
+    out = _empty_channels_last(like, batch, channels, height + 3, width + 3)
     out[:, :, :1].zero_()
     out[:, :, -2:].zero_()
     out[:, :, :, :1].zero_()
@@ -128,9 +133,9 @@ class FastUNet(nn.Module):
         # Skip buffers: decoder level j concatenates [conv_{5-j}, up_j]; the encoder writes
         # its raw convolution into the first half of each, the decoder the second half.
         merges = [
-            x.new_empty(
-                batch, 2 * self.enc_weight[i].shape[0], height >> (i + 1), width >> (i + 1)
-            ).contiguous(memory_format=torch.channels_last)
+            _empty_channels_last(
+                x, batch, 2 * self.enc_weight[i].shape[0], height >> (i + 1), width >> (i + 1)
+            )
             for i in range(n_levels - 1)
         ]
         # TF "same" at stride 2 with k=5 pads 1 before and 2 after on both axes: each
@@ -179,8 +184,8 @@ class FastSpleeterModel(nn.Module):
         """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F)."""
         padded = tf_pad(magnitude)
         logits = torch.stack([unet(padded) for unet in self.unets], dim=1)
-        masks = torch.softmax(logits, dim=1) if self.softmax else torch.sigmoid(logits)
-        return masks * magnitude.unsqueeze(1)
+        masks = torch.softmax(logits, dim=1) if self.softmax else logits.sigmoid_()
+        return masks.mul_(magnitude.unsqueeze(1))
 
 
 @torch.no_grad()
