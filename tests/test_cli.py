@@ -174,6 +174,18 @@ def test_console_script_runs(song, tmp_path, model_env):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "o" / "song" / "vocals.wav").is_file()
+    # the process ends without interpreter teardown: piped output must still be complete
+    assert "2 stems in" in result.stdout + result.stderr
+    missing = subprocess.run(
+        [str(exe), "separate", "-o", str(tmp_path / "o"), str(tmp_path / "nothing.mp3")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert missing.returncode == 1
+    assert "nothing.mp3: file not found" in missing.stderr
+    assert "1 of 1 files failed" in missing.stdout + missing.stderr
 
 
 @pytest.mark.parametrize(

@@ -156,7 +156,7 @@ class FastUNet(nn.Module):
             # the four polyphase planes before they are interleaved (pixel shuffle).
             up = F.conv2d(h, self.dec_weight[j], self.dec_bias[j], padding=1)
             scale, shift = self.dec_bn[j]
-            up = torch.addcmul(shift, self.dec_act(up), scale)
+            up = torch.addcmul(shift, self.dec_act(up), scale, out=up)
             level = n_levels - 2 - j
             if level < 0:
                 h = F.pixel_shuffle(up, 2)
