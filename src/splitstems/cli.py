@@ -499,7 +499,10 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "mwf", True) and (args.mwf_exponent != 1.0 or args.mwf_iterations != 1):
+        parser.error("--mwf-exponent and --mwf-iterations set the Wiener filter: add --mwf")
     if threading.current_thread() is threading.main_thread():
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
