@@ -233,13 +233,14 @@ def _add_quality_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mwf-iterations",
         type=_non_negative_int,
-        default=1,
-        help="EM iterations of the Wiener filter (default 1, as the original)",
+        default=None,
+        help="EM iterations of the Wiener filter (default 1, as the original; 0: its soft "
+        "mask only)",
     )
     parser.add_argument(
         "--mwf-exponent",
         type=_positive_float,
-        default=1.0,
+        default=None,
         help="raise the model's magnitudes to this power before the Wiener filter "
         "(default 1, as the original; 0.7 scores better, see README)",
     )
@@ -499,10 +500,21 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "mwf", True) and (args.mwf_exponent != 1.0 or args.mwf_iterations != 1):
-        parser.error("--mwf-exponent and --mwf-iterations set the Wiener filter: add --mwf")
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "mwf"):
+        given = [
+            name
+            for name, value in (
+                ("--mwf-exponent", args.mwf_exponent),
+                ("--mwf-iterations", args.mwf_iterations),
+            )
+            if value is not None
+        ]
+        if given and not args.mwf:
+            print(f"error: {' and '.join(given)} set the Wiener filter: add --mwf", file=sys.stderr)
+            return EXIT_USAGE
+        args.mwf_exponent = 1.0 if args.mwf_exponent is None else args.mwf_exponent
+        args.mwf_iterations = 1 if args.mwf_iterations is None else args.mwf_iterations
     if threading.current_thread() is threading.main_thread():
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):

@@ -285,7 +285,8 @@ class Engine:
         "zeros": the model's F bins (the original: the estimates are zero above F, so
         the filtered stems are too). "average": above F, each source's magnitude is the
         mixture's times the source's ratio mask averaged over frequency (what the
-        "average" mask extension does to the ratio masks). All raised to ``mwf_exponent``.
+        "average" mask extension does to the ratio masks). With ``mwf_exponent`` ≠ 1: divided by
+        the largest source's magnitude in each bin, then raised to that power.
         """
         n_model_bins = estimates.shape[-1]
         if self.mask_extension == "zeros" or spec.shape[-1] <= n_model_bins:
@@ -295,7 +296,10 @@ class Engine:
             extra = masks.mean(dim=-1, keepdim=True) * spec[..., n_model_bins:].abs()
             magnitudes, mixture = torch.cat([estimates, extra], dim=-1), spec
         if self.mwf_exponent != 1.0:
-            magnitudes = magnitudes**self.mwf_exponent
+            # The filter only uses ratios between the sources in each bin, so dividing by
+            # the bin's largest magnitude first keeps any exponent from overflowing.
+            peak = magnitudes.amax(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            magnitudes = (magnitudes / peak) ** self.mwf_exponent
         return magnitudes, mixture
 
     def apply_masks(
