@@ -698,12 +698,19 @@ class Bench:
 
     # -- running
 
-    def limits(self) -> dict[str, int | None]:
+    def launch(self, case: Case, env: dict[str, str], name: str) -> tuple[Run, str]:
+        """Run ``case.command`` alone, under this run's timeout and memory limits."""
         rss, space = self.args.mem_limit_gb, self.args.as_limit_gb
-        return {
-            "rss_limit_bytes": int(rss * GIB) if rss else None,
-            "as_limit_bytes": int(space * GIB) if space else None,
-        }
+        return run_process(
+            case.command,
+            env=env,
+            timeout_s=self.args.timeout,
+            log_dir=self.log_dir,
+            name=name,
+            cwd=self.cache,
+            rss_limit_bytes=int(rss * GIB) if rss else None,
+            as_limit_bytes=int(space * GIB) if space else None,
+        )
 
     def noisy(self, run: Run) -> bool:
         return (
@@ -751,15 +758,7 @@ class Bench:
         name = f"{self.stamp}-{self.counter:03d}-{case.tool}-{case.kind}"
         if wait:
             wait_for_idle(self.args.wait_idle)
-        run, _ = run_process(
-            case.command,
-            env=env,
-            timeout_s=self.args.timeout,
-            log_dir=self.log_dir,
-            name=name,
-            cwd=self.cache,
-            **self.limits(),
-        )
+        run, _ = self.launch(case, env, name)
         seconds, n_files = output_seconds(self.out_dir)
         run.audio_out_s = seconds
         expected = len(case.extra.get("inputs", [1])) * case.extra.get("n_stems", 2)
@@ -934,17 +933,7 @@ class Bench:
             retry = f" (retry {attempt})" if attempt else ""
             log(f"{case.tool} in-process compute {case.mode} {case.input}{retry}")
             wait_for_idle(self.args.wait_idle)
-            tries.append(
-                run_process(
-                    case.command,
-                    env=env,
-                    timeout_s=self.args.timeout,
-                    log_dir=self.log_dir,
-                    name=name,
-                    cwd=self.cache,
-                    **self.limits(),
-                )
-            )
+            tries.append(self.launch(case, env, name))
             self.log_run(tries[-1][0])
             if not self.noisy(tries[-1][0]):
                 break

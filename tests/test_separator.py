@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fidelity import MIN_SDR_DB, sdr
 
 from splitstems import audio
 from splitstems.errors import AudioError, OutputError
@@ -17,13 +18,6 @@ REFERENCES = [
     "Hollow_Ground_Ill_Fate",
     "concat_3",
 ]
-MIN_SDR_DB = 50.0
-
-
-def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
-    """Plain SDR in dB of an estimate against a reference (no scaling, no shifts)."""
-    error = np.sum((reference.astype(np.float64) - estimate) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(error, 1e-30)))
 
 
 @pytest.mark.parametrize("name", REFERENCES)

@@ -5,20 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fidelity import MIN_SDR_DB, sdr
 
 from splitstems import audio
 from splitstems.cli import main
 from splitstems.engine import Engine
 from splitstems.wiener import StreamingWiener, wiener
-
-MIN_SDR_DB = 50.0
-
-
-def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
-    """Plain SDR in dB (complex or real arrays)."""
-    reference = reference.astype(np.complex128 if np.iscomplexobj(reference) else np.float64)
-    error = np.sum(np.abs(reference - estimate) ** 2)
-    return float(10 * np.log10(np.sum(np.abs(reference) ** 2) / max(error, 1e-300)))
 
 
 def random_problem(

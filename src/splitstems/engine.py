@@ -303,14 +303,13 @@ class Engine:
         return magnitudes, mixture
 
     def apply_masks(
-        self, estimates: torch.Tensor, spec: torch.Tensor, *, out: torch.Tensor | None = None
+        self, estimates: torch.Tensor, spec: torch.Tensor, *, out: torch.Tensor
     ) -> torch.Tensor:
-        """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs (I, C, n, ≤bins).
+        """Estimates (I, C, n, F) and mixture STFT (C, n, bins) → stem STFTs in ``out``.
 
-        With the "zeros" extension only the first F bins are computed (the rest are zero):
-        without ``out`` only those are returned; ``out`` (I, C, n, bins), complex64, whose
-        bins above F are zero, receives them and is returned (the inverse FFT then needs
-        no zero padding of its own).
+        ``out`` (I, C, n, bins), complex64, receives the masked bins and is returned. With
+        the "zeros" extension only the first F bins are written: the caller keeps the
+        others zero (so the inverse FFT needs no zero padding of its own).
         """
         masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
         if self.mask_extension == "zeros":
@@ -318,10 +317,11 @@ class Engine:
         else:
             masks = dsp.extend_mask(masks, n_bins=spec.shape[-1], mode=self.mask_extension)
         # real-valued mask times complex STFT, without promoting the mask to complex
-        spec_ri, masks_ri = torch.view_as_real(spec).unsqueeze(0), masks.unsqueeze(-1)
-        if out is None:
-            return torch.view_as_complex(spec_ri * masks_ri)
-        torch.mul(spec_ri, masks_ri, out=torch.view_as_real(out)[..., : masks.shape[-1], :])
+        torch.mul(
+            torch.view_as_real(spec).unsqueeze(0),
+            masks.unsqueeze(-1),
+            out=torch.view_as_real(out)[..., : masks.shape[-1], :],
+        )
         return out
 
 
