@@ -11,6 +11,7 @@ import pytest
 
 from splitstems import audio
 from splitstems.cli import main
+from splitstems.errors import ConfigError
 from splitstems.evaluate import (
     DatasetError,
     _frames,
@@ -176,6 +177,57 @@ def test_hq_folders_and_5_stems_without_piano_truth(tmp_path, rng):
     data = json.loads((tmp_path / "out" / "test" / "A.json").read_text())
     assert [t["name"] for t in data["targets"]] == ["vocals", "drums", "bass", "other"]
     assert len(data["targets"][0]["frames"]) == 2
+
+
+def test_a_bad_track_does_not_stop_the_others(tmp_path, rng):
+    truth = write_hq_track(tmp_path, "A good", rng)
+    write_hq_track(tmp_path, "B no vocals", rng)
+    (tmp_path / "test" / "B no vocals" / "vocals.wav").unlink()
+    write_hq_track(tmp_path, "C fails to separate", rng)
+    (tmp_path / "test" / "D corrupt.stem.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" * 50)
+    out = tmp_path / "out"
+    (out / "test").mkdir(parents=True)
+    (out / "test" / "B no vocals.json").write_text("{}")  # a stale result of an earlier run
+    reported: list[str] = []
+
+    def separate(mix: np.ndarray) -> dict[str, np.ndarray]:
+        if not np.allclose(mix, sum(truth.values()), atol=1e-4):
+            raise ConfigError("the model cannot take this input")
+        return {"vocals": truth["vocals"] + 0.01, "accompaniment": mix - truth["vocals"]}
+
+    summary = evaluate(
+        separate,
+        tmp_path,
+        out,
+        progress=False,
+        on_failure=lambda track, message: reported.append(message),
+    )
+    assert list(summary.tracks) == ["A good"]
+    assert list(summary.failed) == ["B no vocals", "C fails to separate", "D corrupt"]
+    assert reported == list(summary.failed.values())
+    b, c, d = (summary.failed[k] for k in summary.failed)
+    assert "no vocals.wav" in b and str(tmp_path / "test" / "B no vocals") in b
+    assert c == f"{tmp_path / 'test' / 'C fails to separate'}: the model cannot take this input"
+    assert str(tmp_path / "test" / "D corrupt.stem.mp4") in d and "\n" not in d
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["A good.json"]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["failed"] == summary.failed and saved["settings"]["tracks"] == 4
+    assert 20.5 < saved["scores"]["vocals"]["SDR"] < 22
+
+
+@pytest.mark.usefixtures("use_shared_models")
+def test_evaluate_command_goes_on_after_a_corrupt_track_and_exits_1(tmp_path, rng, capsys):
+    write_hq_track(tmp_path, "good", rng)
+    (tmp_path / "test" / "broken.stem.mp4").write_bytes(b"not a video at all" * 100)
+    out = tmp_path / "out"
+    code = main(["evaluate", "--mus_dir", str(tmp_path), "-o", str(out)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "| vocals |" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(tmp_path / "test" / "broken.stem.mp4") in errors[0]
+    assert "1 of 2 tracks failed" in captured.err
+    assert [p.name for p in (out / "test").iterdir()] == ["good.json"]
 
 
 def test_summary_is_median_over_frames_then_tracks():

@@ -332,6 +332,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         progress=sys.stderr.isatty(),
         settings={"model": args.params, **options},
+        on_failure=lambda _track, message: print(f"error: {message}", file=sys.stderr),
     )
     print(
         f"{summary.settings['tracks']} {args.subset} tracks in {summary.elapsed:.1f} s; "
@@ -341,6 +342,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if summary.unscored:
         print(f"not scored (no truth in MUSDB): {', '.join(summary.unscored)}")
     print(f"per track: {Path(args.output_path) / args.subset}/*.json")
+    if summary.failed:
+        print(
+            f"{len(summary.failed)} of {summary.settings['tracks']} tracks failed "
+            '(not in the table; listed under "failed" in summary.json)',
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -19,8 +19,7 @@ import json
 import os
 import re
 import struct
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ import crc32c as _crc32c
 import numpy as np
 
 from splitstems.errors import CheckpointError
+from splitstems.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -641,8 +641,8 @@ def write_checkpoint(
         entry += _proto_key(6, 5) + struct.pack("<I", info.crc32c)
         table.add(name.encode("utf-8"), entry)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(f"{prefix}{_DATA_SUFFIX.format(shard=0, num_shards=1)}"), bytes(data))
-    _atomic_write(Path(f"{prefix}.index"), table.finish())
+    atomic_write(Path(f"{prefix}{_DATA_SUFFIX.format(shard=0, num_shards=1)}"), bytes(data))
+    atomic_write(Path(f"{prefix}.index"), table.finish())
     return infos
 
 
@@ -824,26 +824,6 @@ def tf_to_state_dict(
 # --------------------------------------------------------------------------- conversion
 
 
-def _atomic_write(path: Path, data: bytes | Callable[[Path], None]) -> None:
-    """Write ``path`` through a temp file in the same folder, then ``os.replace`` it.
-
-    ``data`` is the content, or a function that writes the file at the path it is given.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if not callable(data):
-                fh.write(data)
-        if callable(data):
-            data(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert_checkpoint(
     src: str | os.PathLike[str],
     dst_dir: str | os.PathLike[str],
@@ -889,7 +869,7 @@ def convert_checkpoint(
     except OSError as exc:
         raise CheckpointError(f"{dst}: cannot create ({exc.strerror or exc})") from None
     weights = dst / "model.safetensors"
-    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     config_text = json.dumps(config.to_json_dict(), indent=2) + "\n"
-    _atomic_write(dst / "config.json", config_text.encode("utf-8"))
+    atomic_write(dst / "config.json", config_text.encode("utf-8"))
     return weights

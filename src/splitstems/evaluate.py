@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ import torch
 
 from splitstems import audio
 from splitstems.errors import SplitstemsError
+from splitstems.files import atomic_write
 
 __all__ = [
     "SOURCES",
@@ -424,6 +426,7 @@ class Summary:
     tracks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     unscored: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
 
@@ -446,6 +449,7 @@ class Summary:
             "scores": self.scores,
             "tracks": self.tracks,
             "unscored": self.unscored,
+            "failed": self.failed,
             "settings": self.settings,
             "elapsed_s": round(self.elapsed, 2),
         }
@@ -487,10 +491,22 @@ def load_summary(output_dir: str | os.PathLike[str], subset: str = "test") -> Su
 # --------------------------------------------------------------------------- driver
 
 
-def _loaded(tracks: Sequence[Track]) -> Iterator[tuple[Track, np.ndarray, dict[str, np.ndarray]]]:
+_Loaded = tuple[np.ndarray, dict[str, np.ndarray]]
+
+
+def _loaded(tracks: Sequence[Track]) -> Iterator[tuple[Track, _Loaded | SplitstemsError]]:
+    """Decode each track; a track that cannot be read yields its error instead."""
     for track in tracks:
-        mixture, sources = track.load_all()
-        yield track, mixture, sources
+        try:
+            yield track, track.load_all()
+        except SplitstemsError as exc:
+            yield track, exc
+
+
+def _failure_message(track: Track, exc: Exception) -> str:
+    """One line naming the track's file and the problem."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return message if str(track.path) in message else f"{track.path}: {message}"
 
 
 def evaluate(
@@ -505,6 +521,7 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    on_failure: Callable[[Track, str], None] | None = None,
 ) -> Summary:
     """Separate and score every track of a MUSDB18(-HQ) subset.
 
@@ -522,10 +539,12 @@ def evaluate(
         device: where the torch metrics are computed (default: CPU, float64).
         progress: show a progress bar (tqdm, on stderr).
         settings: recorded in the summary (what was evaluated).
+        on_failure: called with the track and a one-line message when a track cannot
+            be read, separated or scored; the other tracks go on either way.
 
     Returns:
         The :class:`Summary`; instruments without a truth (piano) are listed in
-        ``unscored``.
+        ``unscored``, tracks that failed in ``failed`` (name → message).
     """
     from tqdm.auto import tqdm
 
@@ -538,25 +557,46 @@ def evaluate(
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     unscored: set[str] = set()
+    failed: dict[str, str] = {}
     pending: list[tuple[Track, Future[dict[str, Any]]]] = []
     bar = tqdm(total=len(selected), unit="track", disable=not progress, desc="evaluate")
+
+    def fail(track: Track, exc: Exception) -> None:
+        failed[track.name] = message = _failure_message(track, exc)
+        if out is not None:  # no stale scores of an earlier run beside this summary
+            (out / subset / f"{track.name}.json").unlink(missing_ok=True)
+        bar.update(1)
+        if on_failure is not None:
+            with tqdm.external_write_mode(file=sys.stderr):
+                on_failure(track, message)
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
             track, future = pending.pop(0)
-            scores = future.result()
+            try:
+                scores = future.result()
+            except (SplitstemsError, ValueError) as exc:
+                fail(track, exc)
+                continue
             results[track.name] = scores
             if out is not None:
                 path = out / subset / f"{track.name}.json"
-                path.write_text(json.dumps(scores, indent=2, allow_nan=True))
+                atomic_write(path, json.dumps(scores, indent=2, allow_nan=True))
             bar.update(1)
             bar.set_postfix_str(_postfix(scores), refresh=False)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="splitstems-eval") as pool:
         try:
-            for track, mixture, sources in prefetch(_loaded(selected), depth=1):
+            for track, loaded in prefetch(_loaded(selected), depth=1):
                 bar.set_description_str(f"evaluate {track.name[:30]}")
-                estimates = separate(mixture)
+                try:
+                    if isinstance(loaded, SplitstemsError):
+                        raise loaded
+                    mixture, sources = loaded
+                    estimates = separate(mixture)
+                except (SplitstemsError, ValueError) as exc:
+                    fail(track, exc)
+                    continue
                 unscored.update(k for k in estimates if reference_for(k, sources) is None)
                 scored = {
                     k: v for k, v in estimates.items() if reference_for(k, sources) is not None
@@ -569,6 +609,7 @@ def evaluate(
             bar.close()
     summary = summarize(results)
     summary.unscored = sorted(unscored)
+    summary.failed = dict(sorted(failed.items()))
     summary.elapsed = time.perf_counter() - start
     summary.settings = {
         "subset": subset,
@@ -579,7 +620,7 @@ def evaluate(
     if out is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2))
+            atomic_write(out / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
 
 

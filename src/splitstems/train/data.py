@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from splitstems import audio, dsp
 from splitstems.config import ModelConfig
 from splitstems.errors import AudioError, ConfigError
+from splitstems.files import atomic_write
 
 __all__ = [
     "DataError",
@@ -330,17 +330,12 @@ def _decode_chunk(song: Song, start: float, duration: float, config: ModelConfig
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would add ".npy" to a name
+            np.save(fh, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def _n_frames(n_samples: int, config: ModelConfig) -> int:
