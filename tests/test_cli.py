@@ -231,10 +231,13 @@ def test_wiener_options_need_mwf(song, tmp_path, capsys, option):
         ["--mwf-iterations", "-1"],
     ],
 )
-def test_bad_numbers_are_usage_errors(song, tmp_path, args):
+def test_bad_numbers_are_usage_errors(song, tmp_path, capsys, args):
     with pytest.raises(SystemExit) as exit_info:
         run("separate", "-o", tmp_path / "out", *args, song)
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("splitstems separate: error: argument ") and err.count("\n") == 1
+    assert err.rstrip().endswith("(see splitstems separate --help)")
 
 
 def test_output_path_that_is_a_file(song, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,12 @@ import pytest
 
 from splitstems import audio
 from splitstems.cli import main
-from splitstems.errors import ConfigError
+from splitstems.errors import ConfigError, SplitstemsError
 from splitstems.evaluate import (
     DatasetError,
     _frames,
     bss_eval,
+    check_backend,
     evaluate,
     find_tracks,
     reference_for,
@@ -36,10 +38,15 @@ def test_finds_the_shared_previews(musdb):
     assert len(tracks) == 15 and tracks[0].name == "BKS - Too Much"
     assert not tracks[0].is_wav
     assert [t.name for t in find_tracks(musdb, "test", names=TWO_TRACKS)] == TWO_TRACKS
-    with pytest.raises(DatasetError, match="no MUSDB tracks"):
-        find_tracks(musdb, "test", names=["nothing"])
-    with pytest.raises(DatasetError, match="no such folder"):
+    with_suffix = [f"{TWO_TRACKS[0]}.stem.mp4", TWO_TRACKS[1]]
+    assert [t.name for t in find_tracks(musdb, "test", names=with_suffix)] == TWO_TRACKS
+    # one unknown name among known ones is an error, not a smaller median
+    with pytest.raises(DatasetError, match="no track named 'nothing', 'typo'$"):
+        find_tracks(musdb, "test", names=["typo", TWO_TRACKS[0], "nothing"])
+    with pytest.raises(DatasetError, match="no such folder.*holds tracks itself"):
         find_tracks(musdb / "test", "test")
+    with pytest.raises(DatasetError, match="no MUSDB tracks"):
+        find_tracks(musdb.parent, "examples")
 
 
 def test_framing_is_museval_s():
@@ -220,6 +227,8 @@ def test_evaluate_command_goes_on_after_a_corrupt_track_and_exits_1(tmp_path, rn
     write_hq_track(tmp_path, "good", rng)
     (tmp_path / "test" / "broken.stem.mp4").write_bytes(b"not a video at all" * 100)
     out = tmp_path / "out"
+    (out / "test").mkdir(parents=True)
+    (out / "test" / "older run.json").write_text("{}")
     code = main(["evaluate", "--mus_dir", str(tmp_path), "-o", str(out)])
     assert code == 1
     captured = capsys.readouterr()
@@ -227,7 +236,90 @@ def test_evaluate_command_goes_on_after_a_corrupt_track_and_exits_1(tmp_path, rn
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(tmp_path / "test" / "broken.stem.mp4") in errors[0]
     assert "1 of 2 tracks failed" in captured.err
-    assert [p.name for p in (out / "test").iterdir()] == ["good.json"]
+    assert "also holds 1 result file(s) of other tracks, e.g. 'older run.json'" in captured.err
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["good.json", "older run.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["mask_extension"] == "zeros" and list(summary["failed"]) == [
+        "broken"
+    ]
+
+
+def test_evaluate_command_refuses_an_unwritable_output_before_separating(tmp_path, rng, capsys):
+    write_hq_track(tmp_path, "good", rng)
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    for output in (blocker, blocker / "sub"):
+        code = main(["evaluate", "--mus_dir", str(tmp_path), "-o", str(output)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {blocker}")
+        assert "exists and is not a folder" in err or "cannot write there (Not a directory)" in err
+    assert main(["evaluate", "--mus_dir", str(tmp_path), "-o", ""]) == 2
+    assert capsys.readouterr().err == "error: -o/--output_path is empty\n"
+    assert blocker.read_text() == "x"
+
+
+def test_two_tracks_of_one_name_are_refused(tmp_path, rng):
+    write_hq_track(tmp_path, "Same", rng)
+    (tmp_path / "test" / "Same.stem.mp4").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="two tracks named 'Same'"):
+        find_tracks(tmp_path, "test")
+
+
+def test_truncated_or_mismatched_stems_fail_the_track(tmp_path, rng, musdb):
+    write_hq_track(tmp_path, "short vocals", rng)
+    vocals = tmp_path / "test" / "short vocals" / "vocals.wav"
+    audio.save(vocals, audio.load(vocals)[:88_200], sample_rate=44100)
+    preview = (musdb / "test" / "BKS - Too Much.stem.mp4").read_bytes()
+    (tmp_path / "test" / "cut.stem.mp4").write_bytes(preview[: len(preview) // 3])
+    cut, short = find_tracks(tmp_path, "test")
+    lengths = r"stems differ in length \(mixture 2.50 s, .*vocals 2.00 s"
+    with pytest.raises(DatasetError, match=lengths):
+        short.load_all()
+    with pytest.raises(DatasetError, match=r"cut.stem.mp4: truncated: .* to 2.41 s of the 6.80 s"):
+        cut.load_all()
+
+
+@pytest.mark.parametrize("backend", ["fast", "museval"])
+def test_a_silent_reference_fails_with_both_backends(rng, backend):
+    if backend == "museval":
+        pytest.importorskip("museval")
+    sources = {k: rng.uniform(-0.2, 0.2, (44_100, 2)) for k in ("drums", "bass", "other")}
+    sources["vocals"] = np.zeros((44_100, 2))
+    guess = rng.uniform(-0.1, 0.1, (44_100, 2))
+    estimates = {"vocals": guess, "accompaniment": sum(sources.values())}
+    with pytest.raises(ValueError, match="true vocals is silent throughout"):
+        score_track(estimates, sources, backend=backend)
+
+
+def test_a_missing_backend_fails_before_any_separation(tmp_path, rng, monkeypatch):
+    write_hq_track(tmp_path, "A", rng)
+    monkeypatch.setitem(sys.modules, "museval", None)  # import museval -> ImportError
+    calls: list[int] = []
+
+    def separate(mix: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(1)
+        return {"vocals": mix, "accompaniment": mix}
+
+    with pytest.raises(SplitstemsError, match=r"pip install 'splitstems\[eval\]'"):
+        evaluate(separate, tmp_path, tmp_path / "out", backend="museval", progress=False)
+    assert calls == [] and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend("bsseval")
+
+
+def test_summary_json_is_strict_json(tmp_path, rng):
+    truth = write_hq_track(tmp_path, "A", rng)
+    sources = dict(truth)
+
+    def separate(mix: np.ndarray) -> dict[str, np.ndarray]:  # accompaniment all zeros: SIR nan
+        return {"vocals": sources["vocals"] + 0.01, "accompaniment": mix * 0}
+
+    summary = evaluate(separate, tmp_path, tmp_path / "out", progress=False)
+    assert math.isnan(summary.scores["accompaniment"]["SIR"])
+    text = (tmp_path / "out" / "summary.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert data["scores"]["accompaniment"]["SIR"] is None
 
 
 def test_summary_is_median_over_frames_then_tracks():

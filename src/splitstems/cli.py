@@ -103,9 +103,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``splitstems evaluate: error: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the problem on one line and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``splitstems`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="splitstems",
         description="Split music into stems with Deezer's Spleeter models, in PyTorch.",
     )
@@ -274,8 +282,15 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "-o", "--output_path", required=True, help="folder for <subset>/<track>.json and summary"
     )
-    ev.add_argument("--subset", default="test", choices=("test", "train"), help="(test)")
-    ev.add_argument("--tracks", nargs="+", default=None, help="only these track names")
+    ev.add_argument(
+        "--subset",
+        default="test",
+        choices=("test", "train"),
+        help="the MUSDB subset folder to score (default: test)",
+    )
+    ev.add_argument(
+        "--tracks", nargs="+", default=None, help="only these tracks (names, .stem.mp4 optional)"
+    )
     _add_quality_options(ev)
     ev.add_argument("--fast", action="store_true", help="bfloat16/float16 model")
     ev.add_argument(
@@ -291,11 +306,35 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--verbose", action="store_true", help="more logging")
 
 
+def _writable_folder(folder: Path) -> str | None:
+    """Create ``folder`` and try a file in it; return the problem, or None."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder}: exists and is not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"{folder}: cannot write there ({exc.strerror or exc})"
+    return None
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from splitstems.evaluate import evaluate, find_tracks
+    from splitstems.evaluate import check_backend, evaluate, find_tracks
     from splitstems.separator import Separator
 
-    find_tracks(args.mus_dir, args.subset, names=args.tracks)  # a bad dataset fails first
+    # a bad dataset, backend or output folder fails before the model is loaded
+    selected = find_tracks(args.mus_dir, args.subset, names=args.tracks)
+    check_backend(args.backend)
+    if not args.output_path.strip():
+        print("error: -o/--output_path is empty", file=sys.stderr)
+        return EXIT_USAGE
+    output = Path(args.output_path)
+    for folder in (output, output / args.subset):
+        problem = _writable_folder(folder)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
 
     options = {
         "mwf": args.mwf,
@@ -322,6 +361,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (SplitstemsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    options["mask_extension"] = separator.engine.mask_extension
     summary = evaluate(
         separator.separate,
         args.mus_dir,
@@ -338,10 +378,22 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"{summary.settings['tracks']} {args.subset} tracks in {summary.elapsed:.1f} s; "
         "median over frames, then over tracks (dB):"
     )
-    print(summary.table())
+    if summary.tracks:
+        print(summary.table())
+    else:
+        print("no track could be scored")
     if summary.unscored:
         print(f"not scored (no truth in MUSDB): {', '.join(summary.unscored)}")
-    print(f"per track: {Path(args.output_path) / args.subset}/*.json")
+    print(f"per track: {output / args.subset}/*.json")
+    names = {t.name for t in selected}
+    others = sorted(p.name for p in (output / args.subset).glob("*.json") if p.stem not in names)
+    if others:
+        print(
+            f"warning: {output / args.subset} also holds {len(others)} result file(s) of "
+            f"other tracks, e.g. {others[0]!r} (not in this summary; museval's EvalStore "
+            "would mix them in)",
+            file=sys.stderr,
+        )
     if summary.failed:
         print(
             f"{len(summary.failed)} of {summary.settings['tracks']} tracks failed "

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from splitstems import audio
-from splitstems.errors import SplitstemsError
+from splitstems.errors import OutputError, SplitstemsError
 from splitstems.files import atomic_write
 
 __all__ = [
@@ -68,6 +67,9 @@ _TARGET_ORDER = ("vocals", "drums", "bass", "other", "accompaniment")
 #: The museval release whose BSSEval v4 :func:`bss_eval` reproduces (written to the JSON).
 MUSEVAL_VERSION = "0.4.1"
 SAMPLE_RATE = 44100
+#: Largest difference (seconds) tolerated between the stems' lengths, and between the
+#: mixture's decoded length and its header's (codec priming and padding are ~50 ms).
+LENGTH_TOLERANCE = 0.1
 
 
 class DatasetError(SplitstemsError):
@@ -102,11 +104,29 @@ class Track:
         return audio.load(self.path, stream=_STREAMS[source], sample_rate=SAMPLE_RATE)
 
     def load_all(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Return the mixture and the four sources, cut to a common length."""
+        """Return the mixture and the four sources, cut to a common length.
+
+        Raises:
+            DatasetError: the mixture decodes shorter than its header says (a truncated
+                file), or the stems' lengths differ by more than :data:`LENGTH_TOLERANCE`.
+        """
         mixture = self.load("mixture")
         sources = {name: self.load(name) for name in SOURCES}
+        self._check_lengths({"mixture": mixture, **sources})
         n = min(x.shape[0] for x in [mixture, *sources.values()])
         return mixture[:n], {k: v[:n] for k, v in sources.items()}
+
+    def _check_lengths(self, decoded: dict[str, np.ndarray]) -> None:
+        seconds = {k: v.shape[0] / SAMPLE_RATE for k, v in decoded.items()}
+        header = audio.probe(self.path / "mixture.wav" if self.is_wav else self.path).duration
+        if header is not None and seconds["mixture"] < header - LENGTH_TOLERANCE:
+            raise DatasetError(
+                f"{self.path}: truncated: the mixture decodes to {seconds['mixture']:.2f} s "
+                f"of the {header:.2f} s its header gives"
+            )
+        if max(seconds.values()) - min(seconds.values()) > LENGTH_TOLERANCE:
+            lengths = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+            raise DatasetError(f"{self.path}: the stems differ in length ({lengths})")
 
 
 def find_tracks(
@@ -119,25 +139,48 @@ def find_tracks(
     """
     folder = Path(root) / subset
     if not folder.is_dir():
-        raise DatasetError(f"{folder}: no such folder (expected MUSDB18's train/ and test/)")
+        hint = ""
+        if Path(root).is_dir() and _tracks_in(Path(root), subset):
+            hint = f"; {root} holds tracks itself: give the folder above it as --mus_dir"
+        raise DatasetError(f"{folder}: no such folder (expected MUSDB18's train/ and test/){hint}")
+    tracks = _tracks_in(folder, subset)
+    seen: dict[str, Track] = {}
+    for track in tracks:
+        if track.name in seen:
+            raise DatasetError(
+                f"{folder}: two tracks named {track.name!r} ({seen[track.name].path.name} "
+                f"and {track.path.name}); keep one"
+            )
+        seen[track.name] = track
+    if not tracks:
+        raise DatasetError(
+            f"{folder}: no MUSDB tracks (*.stem.mp4 files or folders with mixture.wav)"
+        )
+    if names is not None:
+        wanted = {_track_name(n) for n in names}
+        missing = sorted(wanted - seen.keys())
+        if missing:
+            raise DatasetError(f"{folder}: no track named {', '.join(repr(n) for n in missing)}")
+        tracks = [t for t in tracks if t.name in wanted]
+    return tracks
+
+
+def _track_name(name: str) -> str:
+    """Return a track name given with or without ``.stem.mp4`` as the bare name."""
+    return name[: -len(".stem.mp4")] if name.endswith(".stem.mp4") else name
+
+
+def _tracks_in(folder: Path, subset: str) -> list[Track]:
+    """List the ``.stem.mp4`` files and MUSDB18-HQ folders directly in ``folder``."""
     tracks = [
-        Track(path.name[: -len(".stem.mp4")], subset, path)
+        Track(_track_name(path.name), subset, path)
         for path in folder.glob("*.stem.mp4")
         if path.is_file()
     ]
     tracks += [
         Track(path.parent.name, subset, path.parent) for path in folder.glob("*/mixture.wav")
     ]
-    tracks.sort(key=lambda t: t.name)
-    if names is not None:
-        wanted = set(names)
-        tracks = [t for t in tracks if t.name in wanted]
-    if not tracks:
-        raise DatasetError(
-            f"{folder}: no MUSDB tracks (*.stem.mp4 files or folders with mixture.wav)"
-            + (f" named {', '.join(sorted(names))}" if names else "")
-        )
-    return tracks
+    return sorted(tracks, key=lambda t: (t.name, t.path.name))
 
 
 def reference_for(instrument: str, sources: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -336,6 +379,23 @@ def _museval_eval(
 BACKENDS = ("fast", "museval")
 
 
+def check_backend(backend: str) -> None:
+    """Fail early when ``backend`` is unknown or its packages are not installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    try:
+        import scipy  # noqa: F401 - the fast backend's filters
+    except ImportError:
+        raise SplitstemsError("the metrics need scipy: pip install 'splitstems[eval]'") from None
+    if backend == "museval":
+        try:
+            import museval  # noqa: F401
+        except ImportError:
+            raise SplitstemsError(
+                "the museval backend needs museval: pip install 'splitstems[eval]'"
+            ) from None
+
+
 def _quantize(value: float) -> float:
     """Museval's JSON values: 5 decimals, +-inf written as NaN."""
     if not math.isfinite(value):
@@ -372,6 +432,11 @@ def score_track(
     scores: dict[str, Any] = {"targets": [], "museval_version": MUSEVAL_VERSION}
     for names, reported in groups:
         refs = np.stack([reference_for(t, sources) for t in names])  # type: ignore[misc]
+        silent = [t for t, ref in zip(names, refs, strict=True) if not np.any(ref)]
+        if silent:  # museval refuses these too; both backends fail the track alike
+            raise ValueError(
+                f"the true {', '.join(silent)} is silent throughout: BSSEval cannot score it"
+            )
         ests = np.stack([_fit(estimates[t], refs.shape[1]) for t in names])
         if backend == "museval":
             values = _museval_eval(refs, ests, window=win, hop=step)
@@ -550,6 +615,7 @@ def evaluate(
 
     from splitstems.engine import prefetch
 
+    check_backend(backend)
     selected = find_tracks(mus_dir, subset, names=tracks)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
@@ -566,6 +632,7 @@ def evaluate(
         if out is not None:  # no stale scores of an earlier run beside this summary
             (out / subset / f"{track.name}.json").unlink(missing_ok=True)
         bar.update(1)
+        bar.set_postfix_str(f"{track.name[:20]}: failed", refresh=False)
         if on_failure is not None:
             with tqdm.external_write_mode(file=sys.stderr):
                 on_failure(track, message)
@@ -578,12 +645,16 @@ def evaluate(
             except (SplitstemsError, ValueError) as exc:
                 fail(track, exc)
                 continue
-            results[track.name] = scores
             if out is not None:
                 path = out / subset / f"{track.name}.json"
-                atomic_write(path, json.dumps(scores, indent=2, allow_nan=True))
+                try:
+                    atomic_write(path, json.dumps(scores, indent=2, allow_nan=True))
+                except OSError as exc:
+                    fail(track, OutputError(f"{path}: cannot write ({exc.strerror or exc})"))
+                    continue
+            results[track.name] = scores
             bar.update(1)
-            bar.set_postfix_str(_postfix(scores), refresh=False)
+            bar.set_postfix_str(f"{track.name[:20]}: {_postfix(scores)}", refresh=False)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="splitstems-eval") as pool:
         try:
@@ -618,10 +689,23 @@ def evaluate(
         **(settings or {}),
     }
     if out is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            atomic_write(out / "summary.json", json.dumps(summary.to_json(), indent=2))
+        path = out / "summary.json"
+        try:
+            atomic_write(path, json.dumps(_nan_to_none(summary.to_json()), indent=2))
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return summary
+
+
+def _nan_to_none(value: Any) -> Any:
+    """Replace NaN by None (JSON null) throughout: strict JSON for the summary."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def _postfix(scores: dict[str, Any]) -> str:
