@@ -374,8 +374,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         settings={"model": args.params, **options},
         on_failure=lambda _track, message: print(f"error: {message}", file=sys.stderr),
     )
+    scored = f" ({len(summary.tracks)} scored)" if summary.failed else ""
     print(
-        f"{summary.settings['tracks']} {args.subset} tracks in {summary.elapsed:.1f} s; "
+        f"{summary.settings['tracks']} {args.subset} tracks{scored} in {summary.elapsed:.1f} s; "
         "median over frames, then over tracks (dB):"
     )
     if summary.tracks:
