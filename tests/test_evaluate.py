@@ -322,6 +322,38 @@ def test_summary_json_is_strict_json(tmp_path, rng):
     assert data["scores"]["accompaniment"]["SIR"] is None
 
 
+def test_resume_scores_only_the_missing_tracks(tmp_path, rng):
+    truth = {name: write_hq_track(tmp_path, name, rng) for name in ("A", "B", "C")}
+    out = tmp_path / "out"
+    separated: list[str] = []
+
+    def separate(mix: np.ndarray) -> dict[str, np.ndarray]:
+        name = next(k for k, t in truth.items() if np.allclose(mix, sum(t.values()), atol=1e-4))
+        separated.append(name)
+        vocals = truth[name]["vocals"]
+        return {"vocals": vocals + 0.01, "accompaniment": mix - vocals - 0.01}
+
+    settings = {"model": "test", "mwf": False}
+    first = evaluate(separate, tmp_path, out, progress=False, settings=settings)
+    assert separated == ["A", "B", "C"]
+    assert json.loads((out / "test.settings.json").read_text())["settings"]["mwf"] is False
+    (out / "test" / "B.json").unlink()  # as if interrupted before B was written
+    (out / "test" / "C.json").write_text('{"targets"')  # or C's file were damaged
+    separated.clear()
+    again = evaluate(separate, tmp_path, out, progress=False, settings=settings, resume=True)
+    assert separated == ["B", "C"] and again.resumed == ["A"]
+    assert again.tracks == first.tracks and again.scores == first.scores
+    # other settings, or no earlier run: refused before anything is separated
+    separated.clear()
+    with pytest.raises(DatasetError, match=r"cannot resume, .*other settings \(mwf\)"):
+        evaluate(
+            separate, tmp_path, out, progress=False, settings={**settings, "mwf": True}, resume=True
+        )
+    with pytest.raises(DatasetError, match="nothing to resume"):
+        evaluate(separate, tmp_path, tmp_path / "new", progress=False, resume=True)
+    assert separated == []
+
+
 def test_summary_is_median_over_frames_then_tracks():
     def track(values: list[float]) -> dict:
         frames = [

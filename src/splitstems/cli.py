@@ -302,6 +302,12 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--jobs", type=_positive_int, default=1, help="tracks scored in parallel (default 1)"
     )
+    ev.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the track results of an interrupted run with the same settings in the "
+        "output folder and score only the rest",
+    )
     ev.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
     ev.add_argument("--verbose", action="store_true", help="more logging")
 
@@ -373,8 +379,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         settings={"model": args.params, **options},
         on_failure=lambda _track, message: print(f"error: {message}", file=sys.stderr),
+        resume=args.resume,
     )
-    scored = f" ({len(summary.tracks)} scored)" if summary.failed else ""
+    notes = [f"{len(summary.tracks)} scored"] if summary.failed else []
+    if summary.resumed:
+        notes.append(f"{len(summary.resumed)} kept from the earlier run")
+    scored = f" ({', '.join(notes)})" if notes else ""
     print(
         f"{summary.settings['tracks']} {args.subset} tracks{scored} in {summary.elapsed:.1f} s; "
         "median over frames, then over tracks (dB):"

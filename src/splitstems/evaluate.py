@@ -492,6 +492,7 @@ class Summary:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     unscored: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
 
@@ -515,6 +516,7 @@ class Summary:
             "tracks": self.tracks,
             "unscored": self.unscored,
             "failed": self.failed,
+            "resumed": self.resumed,
             "settings": self.settings,
             "elapsed_s": round(self.elapsed, 2),
         }
@@ -587,6 +589,7 @@ def evaluate(
     progress: bool = True,
     settings: dict[str, Any] | None = None,
     on_failure: Callable[[Track, str], None] | None = None,
+    resume: bool = False,
 ) -> Summary:
     """Separate and score every track of a MUSDB18(-HQ) subset.
 
@@ -606,6 +609,13 @@ def evaluate(
         settings: recorded in the summary (what was evaluated).
         on_failure: called with the track and a one-line message when a track cannot
             be read, separated or scored; the other tracks go on either way.
+        resume: keep the per-track results already in ``output_dir`` from an earlier run
+            with the same ``subset``, ``backend`` and ``settings`` (recorded in
+            ``<subset>.settings.json`` when a run starts) and score only the other tracks.
+
+    Raises:
+        DatasetError: ``resume`` without a record of an earlier run, or with one of other
+            settings (nothing is separated then).
 
     Returns:
         The :class:`Summary`; instruments without a truth (piano) are listed in
@@ -618,14 +628,23 @@ def evaluate(
     check_backend(backend)
     selected = find_tracks(mus_dir, subset, names=tracks)
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        (out / subset).mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    record = {"subset": subset, "backend": backend, **(settings or {})}
     results: dict[str, dict[str, Any]] = {}
     unscored: set[str] = set()
+    if out is not None:
+        if resume:
+            unscored.update(_resume_record(out, subset, record))
+            results = _earlier_results(out / subset, selected)
+        (out / subset).mkdir(parents=True, exist_ok=True)
+        _write_record(out, subset, record, unscored)
+    elif resume:
+        raise ValueError("resume needs an output_dir")
+    start = time.perf_counter()
     failed: dict[str, str] = {}
     pending: list[tuple[Track, Future[dict[str, Any]]]] = []
     bar = tqdm(total=len(selected), unit="track", disable=not progress, desc="evaluate")
+    resumed = list(results)
+    bar.update(len(resumed))
 
     def fail(track: Track, exc: Exception) -> None:
         failed[track.name] = message = _failure_message(track, exc)
@@ -658,7 +677,8 @@ def evaluate(
 
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="splitstems-eval") as pool:
         try:
-            for track, loaded in prefetch(_loaded(selected), depth=1):
+            todo = [t for t in selected if t.name not in results]
+            for track, loaded in prefetch(_loaded(todo), depth=1):
                 bar.set_description_str(f"evaluate {track.name[:30]}")
                 try:
                     if isinstance(loaded, SplitstemsError):
@@ -678,9 +698,10 @@ def evaluate(
             collect(0)
         finally:
             bar.close()
-    summary = summarize(results)
+    summary = summarize({t.name: results[t.name] for t in selected if t.name in results})
     summary.unscored = sorted(unscored)
     summary.failed = dict(sorted(failed.items()))
+    summary.resumed = sorted(resumed)
     summary.elapsed = time.perf_counter() - start
     summary.settings = {
         "subset": subset,
@@ -691,10 +712,56 @@ def evaluate(
     if out is not None:
         path = out / "summary.json"
         try:
+            _write_record(out, subset, record, unscored)
             atomic_write(path, json.dumps(_nan_to_none(summary.to_json()), indent=2))
         except OSError as exc:
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return summary
+
+
+def _record_path(out: Path, subset: str) -> Path:
+    return out / f"{subset}.settings.json"
+
+
+def _write_record(out: Path, subset: str, record: dict[str, Any], unscored: set[str]) -> None:
+    """Record what the per-track results in ``out/subset`` were computed with."""
+    text = json.dumps({"settings": record, "unscored": sorted(unscored)}, indent=2)
+    atomic_write(_record_path(out, subset), text)
+
+
+def _resume_record(out: Path, subset: str, record: dict[str, Any]) -> list[str]:
+    """Check that ``out`` holds a run with ``record``'s settings; return its unscored."""
+    path = _record_path(out, subset)
+    try:
+        earlier = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{out}: nothing to resume (no {path.name})") from None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable ({exc})") from None
+    if earlier.get("settings") != record:
+        differ = sorted(
+            k
+            for k in {**record, **earlier.get("settings", {})}
+            if record.get(k) != earlier.get("settings", {}).get(k)
+        )
+        raise DatasetError(
+            f"{out}: cannot resume, the earlier run used other settings "
+            f"({', '.join(differ)}); use another output folder"
+        )
+    return list(earlier.get("unscored", []))
+
+
+def _earlier_results(folder: Path, tracks: Sequence[Track]) -> dict[str, dict[str, Any]]:
+    """Read the per-track results already in ``folder`` (unreadable ones are redone)."""
+    found: dict[str, dict[str, Any]] = {}
+    for track in tracks:
+        try:
+            scores = json.loads((folder / f"{track.name}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(scores, dict) and scores.get("targets"):
+            found[track.name] = scores
+    return found
 
 
 def _nan_to_none(value: Any) -> Any:
