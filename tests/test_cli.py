@@ -213,7 +213,7 @@ def test_bad_options_fail_once_up_front(song, tmp_path, capsys, args, message):
 )
 def test_wiener_options_need_mwf(song, tmp_path, capsys, option):
     assert run("separate", "-o", tmp_path / "out", *option, song) == 2
-    assert f"error: {option[0]} set the Wiener filter: add --mwf" in capsys.readouterr().err
+    assert f"error: {option[0]} needs --mwf (Wiener filter options)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

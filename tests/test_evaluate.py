@@ -12,7 +12,7 @@ import pytest
 
 from splitstems import audio
 from splitstems.cli import main
-from splitstems.errors import ConfigError, SplitstemsError
+from splitstems.errors import ConfigError, OutputError, SplitstemsError
 from splitstems.evaluate import (
     DatasetError,
     _frames,
@@ -244,6 +244,7 @@ def test_evaluate_command_goes_on_after_a_corrupt_track_and_exits_1(tmp_path, rn
     ]
 
 
+@pytest.mark.usefixtures("use_shared_models")
 def test_evaluate_command_refuses_an_unwritable_output_before_separating(tmp_path, rng, capsys):
     write_hq_track(tmp_path, "good", rng)
     blocker = tmp_path / "taken"
@@ -261,9 +262,21 @@ def test_evaluate_command_refuses_an_unwritable_output_before_separating(tmp_pat
 
 def test_two_tracks_of_one_name_are_refused(tmp_path, rng):
     write_hq_track(tmp_path, "Same", rng)
+    write_hq_track(tmp_path, "Other", rng)
     (tmp_path / "test" / "Same.stem.mp4").write_bytes(b"x")
     with pytest.raises(DatasetError, match="two tracks named 'Same'"):
         find_tracks(tmp_path, "test")
+    assert [t.name for t in find_tracks(tmp_path, "test", names=["Other"])] == ["Other"]
+
+
+def test_a_folder_of_stems_without_mixture_is_a_failed_track(tmp_path, rng):
+    write_hq_track(tmp_path, "A", rng)
+    write_hq_track(tmp_path, "B", rng)
+    (tmp_path / "test" / "B" / "mixture.wav").unlink()
+    (tmp_path / "test" / "not a track").mkdir()
+    summary = evaluate(lambda mix: {"vocals": mix, "accompaniment": mix * 0.5}, tmp_path)
+    assert list(summary.tracks) == ["A"] and list(summary.failed) == ["B"]
+    assert summary.failed["B"].endswith("B: no mixture.wav")
 
 
 def test_truncated_or_mismatched_stems_fail_the_track(tmp_path, rng, musdb):
@@ -281,14 +294,22 @@ def test_truncated_or_mismatched_stems_fail_the_track(tmp_path, rng, musdb):
 
 
 @pytest.mark.parametrize("backend", ["fast", "museval"])
-def test_a_silent_reference_fails_with_both_backends(rng, backend):
+@pytest.mark.parametrize("case", ["zeros", "antiphase", "silent estimate"])
+def test_silent_stems_fail_alike_with_both_backends(rng, backend, case):
     if backend == "museval":
         pytest.importorskip("museval")
     sources = {k: rng.uniform(-0.2, 0.2, (44_100, 2)) for k in ("drums", "bass", "other")}
-    sources["vocals"] = np.zeros((44_100, 2))
+    left = rng.uniform(-0.2, 0.2, 44_100)
+    sources["vocals"] = np.stack([left, -left], axis=1)  # channels sum to 0: silent to museval
+    if case == "zeros":
+        sources["vocals"] = np.zeros((44_100, 2))
     guess = rng.uniform(-0.1, 0.1, (44_100, 2))
+    if case == "silent estimate":
+        sources["vocals"] = guess
+        guess = np.zeros_like(guess)
     estimates = {"vocals": guess, "accompaniment": sum(sources.values())}
-    with pytest.raises(ValueError, match="true vocals is silent throughout"):
+    kind = "estimated" if case == "silent estimate" else "true"
+    with pytest.raises(ValueError, match=f"the {kind} vocals stem is silent throughout"):
         score_track(estimates, sources, backend=backend)
 
 
@@ -310,16 +331,20 @@ def test_a_missing_backend_fails_before_any_separation(tmp_path, rng, monkeypatc
 
 def test_summary_json_is_strict_json(tmp_path, rng):
     truth = write_hq_track(tmp_path, "A", rng)
-    sources = dict(truth)
+    vocals = truth["vocals"].copy()
+    vocals[:88_200] = 0  # sung only after the last whole 1 s window: every window is NaN
+    audio.save(tmp_path / "test" / "A" / "vocals.wav", vocals.astype(np.float32), sample_rate=44100)
+    mixture = (vocals + truth["drums"] + truth["bass"] + truth["other"]).astype(np.float32)
+    audio.save(tmp_path / "test" / "A" / "mixture.wav", mixture, sample_rate=44100)
 
-    def separate(mix: np.ndarray) -> dict[str, np.ndarray]:  # accompaniment all zeros: SIR nan
-        return {"vocals": sources["vocals"] + 0.01, "accompaniment": mix * 0}
+    def separate(mix: np.ndarray) -> dict[str, np.ndarray]:
+        return {"vocals": mix * 0.5, "accompaniment": mix * 0.5}
 
     summary = evaluate(separate, tmp_path, tmp_path / "out", progress=False)
-    assert math.isnan(summary.scores["accompaniment"]["SIR"])
+    assert math.isnan(summary.scores["vocals"]["SDR"])
     text = (tmp_path / "out" / "summary.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
-    assert data["scores"]["accompaniment"]["SIR"] is None
+    assert data["scores"]["vocals"]["SDR"] is None
 
 
 def test_resume_scores_only_the_missing_tracks(tmp_path, rng):
@@ -345,13 +370,83 @@ def test_resume_scores_only_the_missing_tracks(tmp_path, rng):
     assert again.tracks == first.tracks and again.scores == first.scores
     # other settings, or no earlier run: refused before anything is separated
     separated.clear()
-    with pytest.raises(DatasetError, match=r"cannot resume, .*other settings \(mwf\)"):
+    with pytest.raises(DatasetError, match=r"other settings \(mwf False -> True\)"):
         evaluate(
             separate, tmp_path, out, progress=False, settings={**settings, "mwf": True}, resume=True
         )
     with pytest.raises(DatasetError, match="nothing to resume"):
         evaluate(separate, tmp_path, tmp_path / "new", progress=False, resume=True)
     assert separated == []
+
+
+def _noise_separator(truth: dict[str, dict[str, np.ndarray]], log: list[str]):
+    def separate(mix: np.ndarray) -> dict[str, np.ndarray]:
+        name = next(k for k, t in truth.items() if np.allclose(mix, sum(t.values()), atol=1e-4))
+        log.append(name)
+        vocals = truth[name]["vocals"]
+        return {"vocals": vocals + 0.01, "accompaniment": mix - vocals - 0.01}
+
+    return separate
+
+
+def test_resume_keeps_only_results_of_its_own_settings(tmp_path, rng):
+    truth = {name: write_hq_track(tmp_path, name, rng) for name in ("A", "B", "C")}
+    out = tmp_path / "out"
+    log: list[str] = []
+    separate = _noise_separator(truth, log)
+    evaluate(separate, tmp_path, out, progress=False, settings={"mwf": False})
+    # a run with other settings that stopped after one track, then resumed
+    evaluate(separate, tmp_path, out, tracks=["A"], progress=False, settings={"mwf": True})
+    log.clear()
+    summary = evaluate(separate, tmp_path, out, progress=False, settings={"mwf": True}, resume=True)
+    assert summary.resumed == ["A"] and log == ["B", "C"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        '{"targets": [{"name": "vocals"}]}',
+        '{"targets": "x"}',
+        "only vocals",
+        "no frames",
+        '{"targets": []}',
+        "",
+    ],
+)
+def test_resume_redoes_incomplete_results(tmp_path, rng, damage):
+    truth = {name: write_hq_track(tmp_path, name, rng) for name in ("A", "B")}
+    out = tmp_path / "out"
+    log: list[str] = []
+    first = evaluate(_noise_separator(truth, log), tmp_path, out, progress=False)
+    path = out / "test" / "B.json"
+    data = json.loads(path.read_text())
+    if damage == "only vocals":
+        data["targets"] = data["targets"][:1]
+    elif damage == "no frames":
+        for target in data["targets"]:
+            target["frames"] = []
+    path.write_text(json.dumps(data) if damage in ("only vocals", "no frames") else damage)
+    log.clear()
+    again = evaluate(_noise_separator(truth, log), tmp_path, out, progress=False, resume=True)
+    assert log == ["B"] and again.scores == first.scores
+
+
+def test_unwritable_results_fail_their_track_or_are_reported(tmp_path, rng):
+    truth = {name: write_hq_track(tmp_path, name, rng) for name in ("A", "B")}
+    out = tmp_path / "out"
+    (out / "test" / "A.json").mkdir(parents=True)  # A's result cannot be written
+    (out / "summary.json").mkdir()
+    summary = evaluate(_noise_separator(truth, []), tmp_path, out, progress=False)
+    assert list(summary.tracks) == ["B"] and list(summary.failed) == ["A"]
+    assert "A.json: cannot write" in summary.failed["A"]
+    assert summary.write_error is not None and "summary.json: cannot write" in summary.write_error
+    assert summary.scores["vocals"]["SDR"] > 20  # the scores are not lost
+    (out / "test.settings.json").unlink()
+    (out / "test.settings.json").mkdir()
+    log: list[str] = []
+    with pytest.raises(OutputError, match="test.settings.json: cannot write"):
+        evaluate(_noise_separator(truth, log), tmp_path, out, progress=False)
+    assert log == []
 
 
 def test_summary_is_median_over_frames_then_tracks():

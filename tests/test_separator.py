@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,22 @@ def test_output_paths_need_distinct_stems(tmp_path):
         filename_format="{foldername}/{filename}-{instrument}.{codec}",
     )
     assert paths["vocals"] == (tmp_path / "b" / "song-vocals.mp3").resolve()
+
+
+@pytest.mark.usefixtures("use_shared_models")
+def test_fingerprint_names_the_config_and_weights(separator_2stems, tmp_path):
+    from splitstems.config import load_config
+
+    again = Separator("spleeter:2stems", device="cpu", progress=False)
+    assert again.fingerprint() == separator_2stems.fingerprint()
+    assert len(again.fingerprint()) == 16
+    other_config = Separator("spleeter:2stems-16kHz", device="cpu", progress=False)
+    assert other_config.fingerprint() != separator_2stems.fingerprint()
+    edited = load_config("spleeter:2stems").to_json_dict()
+    edited["separation_exponent"] = 1
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(edited))
+    assert Separator(str(path), device="cpu", progress=False).fingerprint() not in {
+        separator_2stems.fingerprint(),
+        other_config.fingerprint(),
+    }

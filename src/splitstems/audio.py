@@ -153,7 +153,9 @@ def _open_stream(
         if not streams:
             raise AudioError(f"{name}: no audio stream")
         if not 0 <= index < len(streams):
-            raise AudioError(f"{name}: no audio stream {index} (the file has {len(streams)})")
+            raise AudioError(
+                f"{name}: no audio stream {index} (it has {len(streams)}, numbered from 0)"
+            )
         audio = streams[index]
         if not audio.codec_context.sample_rate:
             raise AudioError(f"{name}: not an audio file (no sample rate)")

@@ -17,10 +17,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from splitstems import __version__
 from splitstems.errors import SplitstemsError
+
+if TYPE_CHECKING:
+    from splitstems.evaluate import Summary
 
 CODECS = ("wav", "mp3", "ogg", "m4a", "wma", "flac")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -326,38 +329,23 @@ def _writable_folder(folder: Path) -> str | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from splitstems.evaluate import check_backend, evaluate, find_tracks
+    from splitstems.evaluate import check_backend, check_resume, evaluate, find_tracks
     from splitstems.separator import Separator
 
-    # a bad dataset, backend or output folder fails before the model is loaded
+    # bad datasets, options and output folders fail before anything is created
     selected = find_tracks(args.mus_dir, args.subset, names=args.tracks)
     check_backend(args.backend)
     if not args.output_path.strip():
         print("error: -o/--output_path is empty", file=sys.stderr)
         return EXIT_USAGE
-    output = Path(args.output_path)
-    for folder in (output, output / args.subset):
-        problem = _writable_folder(folder)
-        if problem is not None:
-            print(f"error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
-
-    options = {
-        "mwf": args.mwf,
-        "mwf_iterations": args.mwf_iterations,
-        "mwf_exponent": args.mwf_exponent,
-        "overlap": args.overlap,
-        "shifts": args.shifts,
-        "mask_extension": args.mask_extension,
-        "precision": "fast" if args.fast else "float32",
-    }
+    precision = "fast" if args.fast else "float32"
     try:
         separator = Separator(
             args.params,
             MWF=args.mwf,
             model_dir=args.model_dir,
             device=args.device,
-            precision=options["precision"],
+            precision=precision,
             overlap=args.overlap,
             mwf_iterations=args.mwf_iterations,
             mwf_exponent=args.mwf_exponent,
@@ -367,52 +355,75 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (SplitstemsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    options["mask_extension"] = separator.engine.mask_extension
+    settings = {
+        "model": args.params,
+        "model_sha256": separator.fingerprint(),
+        "mwf": args.mwf,
+        "mwf_iterations": args.mwf_iterations,
+        "mwf_exponent": args.mwf_exponent,
+        "overlap": args.overlap,
+        "shifts": args.shifts,
+        "mask_extension": separator.engine.mask_extension,
+        "precision": precision,
+    }
+    output = Path(args.output_path)
+    if args.resume:
+        check_resume(output, args.subset, backend=args.backend, settings=settings)
+    for folder in (output, output / args.subset):
+        problem = _writable_folder(folder)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     summary = evaluate(
         separator.separate,
         args.mus_dir,
-        args.output_path,
+        output,
         subset=args.subset,
         tracks=args.tracks,
         backend=args.backend,
         jobs=args.jobs,
         progress=sys.stderr.isatty(),
-        settings={"model": args.params, **options},
+        settings=settings,
         on_failure=lambda _track, message: print(f"error: {message}", file=sys.stderr),
         resume=args.resume,
     )
-    notes = [f"{len(summary.tracks)} scored"] if summary.failed else []
-    if summary.resumed:
-        notes.append(f"{len(summary.resumed)} kept from the earlier run")
-    scored = f" ({', '.join(notes)})" if notes else ""
-    print(
-        f"{summary.settings['tracks']} {args.subset} tracks{scored} in {summary.elapsed:.1f} s; "
-        "median over frames, then over tracks (dB):"
-    )
-    if summary.tracks:
-        print(summary.table())
-    else:
-        print("no track could be scored")
-    if summary.unscored:
-        print(f"not scored (no truth in MUSDB): {', '.join(summary.unscored)}")
-    print(f"per track: {output / args.subset}/*.json")
-    names = {t.name for t in selected}
-    others = sorted(p.name for p in (output / args.subset).glob("*.json") if p.stem not in names)
-    if others:
-        print(
-            f"warning: {output / args.subset} also holds {len(others)} result file(s) of "
-            f"other tracks, e.g. {others[0]!r} (not in this summary; museval's EvalStore "
-            "would mix them in)",
-            file=sys.stderr,
-        )
+    _report_evaluation(summary, output / args.subset, {t.name for t in selected})
+    if summary.write_error:
+        print(f"error: {summary.write_error}", file=sys.stderr)
     if summary.failed:
         print(
             f"{len(summary.failed)} of {summary.settings['tracks']} tracks failed "
             '(not in the table; listed under "failed" in summary.json)',
             file=sys.stderr,
         )
-        return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if summary.failed or summary.write_error else EXIT_OK
+
+
+def _report_evaluation(summary: Summary, folder: Path, names: set[str]) -> None:
+    """Print an evaluation's table, and warn of other tracks' results in ``folder``."""
+    notes = []
+    if summary.failed or summary.resumed:
+        notes.append(f"{len(summary.tracks) - len(summary.resumed)} scored now")
+    if summary.resumed:
+        notes.append(f"{len(summary.resumed)} kept from the earlier run")
+    if summary.failed:
+        notes.append(f"{len(summary.failed)} failed")
+    counts = f" ({', '.join(notes)})" if notes else ""
+    print(
+        f"{summary.settings['tracks']} {summary.settings['subset']} tracks{counts} in "
+        f"{summary.elapsed:.1f} s; median over frames, then over tracks (dB):"
+    )
+    print(summary.table() if summary.tracks else "no track could be scored")
+    if summary.unscored:
+        print(f"not scored (no truth in MUSDB): {', '.join(summary.unscored)}")
+    print(f"per track: {folder}/*.json")
+    others = sorted(p.name for p in folder.glob("*.json") if p.stem not in names)
+    if others:
+        print(
+            f"warning: {folder} also holds {len(others)} result file(s) of other tracks, "
+            f"e.g. {others[0]!r} (not in this summary; museval's EvalStore would mix them in)",
+            file=sys.stderr,
+        )
 
 
 def _separate(args: argparse.Namespace) -> int:
@@ -581,7 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None
         ]
         if given and not args.mwf:
-            print(f"error: {' and '.join(given)} set the Wiener filter: add --mwf", file=sys.stderr)
+            need = "needs" if len(given) == 1 else "need"
+            options = " and ".join(given)
+            print(f"error: {options} {need} --mwf (Wiener filter options)", file=sys.stderr)
             return EXIT_USAGE
         args.mwf_exponent = 1.0 if args.mwf_exponent is None else args.mwf_exponent
         args.mwf_iterations = 1 if args.mwf_iterations is None else args.mwf_iterations

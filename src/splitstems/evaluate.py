@@ -24,6 +24,7 @@ for ``backend="museval"``: museval computes everything, about 2x slower on 2 sou
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -144,6 +145,17 @@ def find_tracks(
             hint = f"; {root} holds tracks itself: give the folder above it as --mus_dir"
         raise DatasetError(f"{folder}: no such folder (expected MUSDB18's train/ and test/){hint}")
     tracks = _tracks_in(folder, subset)
+    if not tracks:
+        raise DatasetError(
+            f"{folder}: no MUSDB tracks (*.stem.mp4 files, or folders of mixture.wav, "
+            "drums.wav, bass.wav, other.wav, vocals.wav)"
+        )
+    if names is not None:
+        wanted = {_track_name(n) for n in names}
+        missing = sorted(wanted - {t.name for t in tracks})
+        if missing:
+            raise DatasetError(f"{folder}: no track named {', '.join(repr(n) for n in missing)}")
+        tracks = [t for t in tracks if t.name in wanted]
     seen: dict[str, Track] = {}
     for track in tracks:
         if track.name in seen:
@@ -152,16 +164,6 @@ def find_tracks(
                 f"and {track.path.name}); keep one"
             )
         seen[track.name] = track
-    if not tracks:
-        raise DatasetError(
-            f"{folder}: no MUSDB tracks (*.stem.mp4 files or folders with mixture.wav)"
-        )
-    if names is not None:
-        wanted = {_track_name(n) for n in names}
-        missing = sorted(wanted - seen.keys())
-        if missing:
-            raise DatasetError(f"{folder}: no track named {', '.join(repr(n) for n in missing)}")
-        tracks = [t for t in tracks if t.name in wanted]
     return tracks
 
 
@@ -177,8 +179,11 @@ def _tracks_in(folder: Path, subset: str) -> list[Track]:
         for path in folder.glob("*.stem.mp4")
         if path.is_file()
     ]
+    # a -HQ folder with any stem is a track (one without mixture.wav then fails loudly)
     tracks += [
-        Track(path.parent.name, subset, path.parent) for path in folder.glob("*/mixture.wav")
+        Track(path.name, subset, path)
+        for path in folder.iterdir()
+        if path.is_dir() and any((path / f"{stem}.wav").is_file() for stem in _STREAMS)
     ]
     return sorted(tracks, key=lambda t: (t.name, t.path.name))
 
@@ -258,6 +263,11 @@ def _museval_filters(
     filters = np.stack([solve(gram, sf, est[e]) for e in range(n_src)])
     own = np.stack([solve(gram[j, j][None, None], sf[j][None], est[j])[0] for j in range(n_src)])
     return filters, own
+
+
+def _silent(x: np.ndarray) -> bool:
+    """Museval's test of a whole ``(n, C)`` signal: its channel sum is zero everywhere."""
+    return not np.any(x.sum(axis=-1))
 
 
 def _any_silent(x: torch.Tensor) -> bool:
@@ -432,12 +442,15 @@ def score_track(
     scores: dict[str, Any] = {"targets": [], "museval_version": MUSEVAL_VERSION}
     for names, reported in groups:
         refs = np.stack([reference_for(t, sources) for t in names])  # type: ignore[misc]
-        silent = [t for t, ref in zip(names, refs, strict=True) if not np.any(ref)]
-        if silent:  # museval refuses these too; both backends fail the track alike
-            raise ValueError(
-                f"the true {', '.join(silent)} is silent throughout: BSSEval cannot score it"
-            )
         ests = np.stack([_fit(estimates[t], refs.shape[1]) for t in names])
+        # museval refuses these (its validate()); both backends fail the track alike
+        for kind, signals in (("true", refs), ("estimated", ests)):
+            silent = [t for t, x in zip(names, signals, strict=True) if _silent(x)]
+            if silent:
+                raise ValueError(
+                    f"the {kind} {', '.join(silent)} stem is silent throughout (its channels "
+                    "sum to zero): BSSEval cannot score it"
+                )
         if backend == "museval":
             values = _museval_eval(refs, ests, window=win, hop=step)
         else:
@@ -493,6 +506,7 @@ class Summary:
     unscored: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)
+    write_error: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     elapsed: float = 0.0
 
@@ -570,6 +584,129 @@ def _loaded(tracks: Sequence[Track]) -> Iterator[tuple[Track, _Loaded | Splitste
             yield track, exc
 
 
+@dataclass
+class _RunRecord:
+    """What the per-track results in ``<out>/<subset>`` were computed with, and which.
+
+    Saved as ``<out>/<subset>.settings.json`` when a run starts and after every track,
+    so that a resumed run keeps exactly the results computed with its settings.
+    """
+
+    path: Path
+    settings: dict[str, Any]
+    done: list[str] = field(default_factory=list)
+    targets: list[str] | None = None
+    unscored: list[str] = field(default_factory=list)
+
+    def save(self) -> None:
+        """Write the record (whole or not at all)."""
+        data = {
+            "settings": self.settings,
+            "done": self.done,
+            "targets": self.targets,
+            "unscored": self.unscored,
+        }
+        atomic_write(self.path, json.dumps(data, indent=2))
+
+    def resumed(self) -> _RunRecord:
+        """Return the earlier run's record; raise if there is none or it used other settings."""
+        out = self.path.parent
+        try:
+            earlier = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise DatasetError(f"{out}: nothing to resume (no {self.path.name})") from None
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{self.path}: unreadable ({exc})") from None
+        ok = isinstance(earlier, dict) and isinstance(earlier.get("settings"), dict)
+        done, targets = (earlier.get("done"), earlier.get("targets")) if ok else (None, None)
+        if not (
+            ok
+            and isinstance(done, list)
+            and all(isinstance(n, str) for n in done)
+            and (targets is None or isinstance(targets, list))
+        ):
+            raise DatasetError(f"{self.path}: not a record of a splitstems evaluation")
+        if earlier["settings"] != self.settings:
+            old = earlier["settings"]
+            changes = [
+                f"{k} {old.get(k)!r} -> {self.settings.get(k)!r}"
+                for k in sorted({*old, *self.settings})
+                if old.get(k) != self.settings.get(k)
+            ]
+            raise DatasetError(
+                f"{out}: cannot resume, the earlier run used other settings "
+                f"({', '.join(changes)}); use another output folder"
+            )
+        unscored = [str(n) for n in earlier.get("unscored") or []]
+        return _RunRecord(self.path, self.settings, list(done), targets, unscored)
+
+    def kept(self, folder: Path, tracks: Sequence[Track]) -> dict[str, dict[str, Any]]:
+        """Read the results of ``tracks`` this record marks done and that are intact."""
+        found: dict[str, dict[str, Any]] = {}
+        for track in tracks:
+            if track.name not in self.done:
+                continue
+            try:
+                scores = json.loads((folder / f"{track.name}.json").read_text())
+            except (OSError, ValueError):
+                scores = None
+            if _intact(scores, self.targets):
+                found[track.name] = scores
+            else:  # redone
+                self.done.remove(track.name)
+        return found
+
+    def add(self, name: str, scores: dict[str, Any]) -> None:
+        """Mark ``name`` done with ``scores`` and save."""
+        if self.targets is None:
+            self.targets = [t["name"] for t in scores["targets"]]
+        if name not in self.done:
+            self.done.append(name)
+        self.save()
+
+    def drop(self, name: str) -> None:
+        """Mark ``name`` not done (its result is gone) and save."""
+        if name in self.done:
+            self.done.remove(name)
+            self.save()
+
+
+def _intact(scores: Any, targets: list[str] | None) -> bool:
+    """Whether ``scores`` is a whole museval track result (with ``targets``, if given)."""
+    if not isinstance(scores, dict) or not isinstance(scores.get("targets"), list):
+        return False
+    names = []
+    for target in scores["targets"]:
+        frames = target.get("frames") if isinstance(target, dict) else None
+        if not isinstance(frames, list) or not frames or not isinstance(target["name"], str):
+            return False
+        for frame in frames:
+            metrics = frame.get("metrics") if isinstance(frame, dict) else None
+            if not isinstance(metrics, dict) or not all(
+                isinstance(metrics.get(m), int | float) for m in METRICS
+            ):
+                return False
+        names.append(target["name"])
+    return bool(names) and (targets is None or names == targets)
+
+
+def check_resume(
+    output_dir: str | os.PathLike[str],
+    subset: str = "test",
+    *,
+    backend: str = "fast",
+    settings: dict[str, Any] | None = None,
+) -> None:
+    """Raise :class:`DatasetError` unless ``output_dir`` holds a run to resume with these."""
+    _record(Path(output_dir), subset, backend, settings).resumed()
+
+
+def _record(out: Path, subset: str, backend: str, settings: dict[str, Any] | None) -> _RunRecord:
+    return _RunRecord(
+        out / f"{subset}.settings.json", {"subset": subset, "backend": backend, **(settings or {})}
+    )
+
+
 def _failure_message(track: Track, exc: Exception) -> str:
     """One line naming the track's file and the problem."""
     message = " ".join(str(exc).split()) or type(exc).__name__
@@ -609,13 +746,16 @@ def evaluate(
         settings: recorded in the summary (what was evaluated).
         on_failure: called with the track and a one-line message when a track cannot
             be read, separated or scored; the other tracks go on either way.
-        resume: keep the per-track results already in ``output_dir`` from an earlier run
-            with the same ``subset``, ``backend`` and ``settings`` (recorded in
-            ``<subset>.settings.json`` when a run starts) and score only the other tracks.
+        resume: keep the per-track results in ``output_dir`` that an earlier run with
+            the same ``subset``, ``backend`` and ``settings`` finished (its record,
+            ``<subset>.settings.json``, lists them) and score only the other tracks.
 
     Raises:
         DatasetError: ``resume`` without a record of an earlier run, or with one of other
             settings (nothing is separated then).
+        OutputError: the record cannot be written (nothing is separated then). A
+            ``summary.json`` that cannot be written is reported in
+            :attr:`Summary.write_error` instead, so that the scores are not lost.
 
     Returns:
         The :class:`Summary`; instruments without a truth (piano) are listed in
@@ -628,15 +768,20 @@ def evaluate(
     check_backend(backend)
     selected = find_tracks(mus_dir, subset, names=tracks)
     out = Path(output_dir) if output_dir is not None else None
-    record = {"subset": subset, "backend": backend, **(settings or {})}
     results: dict[str, dict[str, Any]] = {}
     unscored: set[str] = set()
+    record: _RunRecord | None = None
     if out is not None:
+        record = _record(out, subset, backend, settings)
         if resume:
-            unscored.update(_resume_record(out, subset, record))
-            results = _earlier_results(out / subset, selected)
-        (out / subset).mkdir(parents=True, exist_ok=True)
-        _write_record(out, subset, record, unscored)
+            record = record.resumed()
+            results = record.kept(out / subset, selected)
+            unscored.update(record.unscored)
+        try:
+            (out / subset).mkdir(parents=True, exist_ok=True)
+            record.save()
+        except OSError as exc:
+            raise OutputError(f"{record.path}: cannot write ({exc.strerror or exc})") from None
     elif resume:
         raise ValueError("resume needs an output_dir")
     start = time.perf_counter()
@@ -648,8 +793,10 @@ def evaluate(
 
     def fail(track: Track, exc: Exception) -> None:
         failed[track.name] = message = _failure_message(track, exc)
-        if out is not None:  # no stale scores of an earlier run beside this summary
-            (out / subset / f"{track.name}.json").unlink(missing_ok=True)
+        if out is not None and record is not None:  # no stale scores beside this summary
+            with contextlib.suppress(OSError):
+                (out / subset / f"{track.name}.json").unlink(missing_ok=True)
+                record.drop(track.name)
         bar.update(1)
         bar.set_postfix_str(f"{track.name[:20]}: failed", refresh=False)
         if on_failure is not None:
@@ -664,12 +811,15 @@ def evaluate(
             except (SplitstemsError, ValueError) as exc:
                 fail(track, exc)
                 continue
-            if out is not None:
+            if out is not None and record is not None:
                 path = out / subset / f"{track.name}.json"
                 try:
                     atomic_write(path, json.dumps(scores, indent=2, allow_nan=True))
+                    record.unscored = sorted(unscored)
+                    record.add(track.name, scores)
                 except OSError as exc:
-                    fail(track, OutputError(f"{path}: cannot write ({exc.strerror or exc})"))
+                    name = path if path.name in str(exc.filename) else record.path
+                    fail(track, OutputError(f"{name}: cannot write ({exc.strerror or exc})"))
                     continue
             results[track.name] = scores
             bar.update(1)
@@ -712,56 +862,10 @@ def evaluate(
     if out is not None:
         path = out / "summary.json"
         try:
-            _write_record(out, subset, record, unscored)
             atomic_write(path, json.dumps(_nan_to_none(summary.to_json()), indent=2))
         except OSError as exc:
-            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            summary.write_error = f"{path}: cannot write ({exc.strerror or exc})"
     return summary
-
-
-def _record_path(out: Path, subset: str) -> Path:
-    return out / f"{subset}.settings.json"
-
-
-def _write_record(out: Path, subset: str, record: dict[str, Any], unscored: set[str]) -> None:
-    """Record what the per-track results in ``out/subset`` were computed with."""
-    text = json.dumps({"settings": record, "unscored": sorted(unscored)}, indent=2)
-    atomic_write(_record_path(out, subset), text)
-
-
-def _resume_record(out: Path, subset: str, record: dict[str, Any]) -> list[str]:
-    """Check that ``out`` holds a run with ``record``'s settings; return its unscored."""
-    path = _record_path(out, subset)
-    try:
-        earlier = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{out}: nothing to resume (no {path.name})") from None
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable ({exc})") from None
-    if earlier.get("settings") != record:
-        differ = sorted(
-            k
-            for k in {**record, **earlier.get("settings", {})}
-            if record.get(k) != earlier.get("settings", {}).get(k)
-        )
-        raise DatasetError(
-            f"{out}: cannot resume, the earlier run used other settings "
-            f"({', '.join(differ)}); use another output folder"
-        )
-    return list(earlier.get("unscored", []))
-
-
-def _earlier_results(folder: Path, tracks: Sequence[Track]) -> dict[str, dict[str, Any]]:
-    """Read the per-track results already in ``folder`` (unreadable ones are redone)."""
-    found: dict[str, dict[str, Any]] = {}
-    for track in tracks:
-        try:
-            scores = json.loads((folder / f"{track.name}.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(scores, dict) and scores.get("targets"):
-            found[track.name] = scores
-    return found
 
 
 def _nan_to_none(value: Any) -> Any:

@@ -8,6 +8,8 @@ does not grow with the length of the song.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -39,11 +41,25 @@ def load_model(
     progress: bool = True,
 ) -> tuple[SpleeterModel, ModelConfig]:
     """Return the model (weights loaded, eval mode) and config for a name or JSON config."""
+    model, config, _ = _load_model(
+        descriptor, model_dir=model_dir, download=download, progress=progress
+    )
+    return model, config
+
+
+def _load_model(
+    descriptor: str | os.PathLike[str] | ModelConfig,
+    *,
+    model_dir: str | os.PathLike[str] | None,
+    download: bool,
+    progress: bool,
+) -> tuple[SpleeterModel, ModelConfig, Path]:
+    """:func:`load_model`, and the weights file it read."""
     config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
     weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
     model = SpleeterModel(config)
     model.load_weights(load_file(str(weights)), source=f"{weights} ({config.name})")
-    return model.eval(), config
+    return model.eval(), config, Path(weights)
 
 
 def output_paths(
@@ -141,7 +157,7 @@ class Separator:
         download: bool = True,
         progress: bool = True,
     ) -> None:
-        model, config = load_model(
+        model, config, self.weights_path = _load_model(
             params_descriptor, model_dir=model_dir, download=download, progress=progress
         )
         self.config = config
@@ -158,6 +174,20 @@ class Separator:
             mwf_exponent=mwf_exponent,
             shifts=shifts,
         )
+
+    def fingerprint(self) -> str:
+        """Return a short sha256 of the model's configuration and weights.
+
+        Two separators with the same fingerprint compute the same model, whatever the
+        model was called or where its files were (``evaluate --resume`` compares it).
+        """
+        digest = hashlib.sha256(
+            json.dumps(self.config.to_json_dict(), sort_keys=True).encode("utf-8")
+        )
+        with open(self.weights_path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()[:16]
 
     @property
     def instruments(self) -> tuple[str, ...]:
