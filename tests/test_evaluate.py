@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -277,6 +278,10 @@ def test_a_folder_of_stems_without_mixture_is_a_failed_track(tmp_path, rng):
     summary = evaluate(lambda mix: {"vocals": mix, "accompaniment": mix * 0.5}, tmp_path)
     assert list(summary.tracks) == ["A"] and list(summary.failed) == ["B"]
     assert summary.failed["B"].endswith("B: no mixture.wav")
+    for path in (tmp_path / "test" / "A").iterdir():  # FLAC stems: a failed track, with a hint
+        path.rename(path.with_suffix(".flac"))
+    summary = evaluate(lambda mix: {"vocals": mix, "accompaniment": mix * 0.5}, tmp_path)
+    assert summary.failed["A"].endswith("(found mixture.flac; MUSDB18-HQ uses .wav)")
 
 
 def test_truncated_or_mismatched_stems_fail_the_track(tmp_path, rng, musdb):
@@ -370,7 +375,7 @@ def test_resume_scores_only_the_missing_tracks(tmp_path, rng):
     assert again.tracks == first.tracks and again.scores == first.scores
     # other settings, or no earlier run: refused before anything is separated
     separated.clear()
-    with pytest.raises(DatasetError, match=r"other settings \(mwf False -> True\)"):
+    with pytest.raises(DatasetError, match=r"other settings \(mwf false -> true\)"):
         evaluate(
             separate, tmp_path, out, progress=False, settings={**settings, "mwf": True}, resume=True
         )
@@ -400,12 +405,30 @@ def test_resume_keeps_only_results_of_its_own_settings(tmp_path, rng):
     log.clear()
     summary = evaluate(separate, tmp_path, out, progress=False, settings={"mwf": True}, resume=True)
     assert summary.resumed == ["A"] and log == ["B", "C"]
+    # the same track names in another dataset (MUSDB18 vs -HQ, previews vs songs)
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "test", other / "test")
+    with pytest.raises(DatasetError, match=r"other settings \(mus_dir "):
+        evaluate(separate, other, out, progress=False, settings={"mwf": True}, resume=True)
+    # the model's name as typed does not matter when its sha256 is there
+    sha = {"model": "a.json", "model_sha256": "0123"}
+    evaluate(separate, tmp_path, out, tracks=["A"], progress=False, settings=sha)
+    log.clear()
+    summary = evaluate(
+        separate, tmp_path, out, progress=False, settings={**sha, "model": "./a.json"}, resume=True
+    )
+    assert summary.resumed == ["A"] and log == ["B", "C"]
+    record = out / "test.settings.json"
+    record.write_text(record.read_text().replace('"unscored": []', '"unscored": 5'))
+    with pytest.raises(DatasetError, match="not a record of a splitstems evaluation"):
+        evaluate(separate, tmp_path, out, progress=False, settings=sha, resume=True)
 
 
 @pytest.mark.parametrize(
     "damage",
     [
         '{"targets": [{"name": "vocals"}]}',
+        '{"targets": [{"frames": [{"metrics": {}}]}]}',
         '{"targets": "x"}',
         "only vocals",
         "no frames",

@@ -121,6 +121,12 @@ def test_fingerprint_names_the_config_and_weights(separator_2stems, tmp_path):
 
     again = Separator("spleeter:2stems", device="cpu", progress=False)
     assert again.fingerprint() == separator_2stems.fingerprint()
+    # a fresh conversion elsewhere writes other file metadata: same tensors, same print
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPLITSTEMS_CACHE", str(tmp_path / "cache"))
+        converted_again = Separator("spleeter:2stems", device="cpu", progress=False)
+    assert converted_again.weights_path != separator_2stems.weights_path
+    assert converted_again.fingerprint() == separator_2stems.fingerprint()
     assert len(again.fingerprint()) == 16
     other_config = Separator("spleeter:2stems-16kHz", device="cpu", progress=False)
     assert other_config.fingerprint() != separator_2stems.fingerprint()

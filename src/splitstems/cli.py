@@ -368,7 +368,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     }
     output = Path(args.output_path)
     if args.resume:
-        check_resume(output, args.subset, backend=args.backend, settings=settings)
+        check_resume(output, args.mus_dir, args.subset, backend=args.backend, settings=settings)
     for folder in (output, output / args.subset):
         problem = _writable_folder(folder)
         if problem is not None:
@@ -391,9 +391,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if summary.write_error:
         print(f"error: {summary.write_error}", file=sys.stderr)
     if summary.failed:
+        listed = "" if summary.write_error else '; listed under "failed" in summary.json'
         print(
             f"{len(summary.failed)} of {summary.settings['tracks']} tracks failed "
-            '(not in the table; listed under "failed" in summary.json)',
+            f"(not in the table{listed})",
             file=sys.stderr,
         )
     return EXIT_FAILED if summary.failed or summary.write_error else EXIT_OK

@@ -100,7 +100,9 @@ class Track:
         if self.is_wav:
             path = self.path / f"{source}.wav"
             if not path.is_file():
-                raise DatasetError(f"{self.path}: no {source}.wav")
+                others = sorted(p.name for p in self.path.glob(f"{source}.*"))
+                hint = f" (found {', '.join(others)}; MUSDB18-HQ uses .wav)" if others else ""
+                raise DatasetError(f"{self.path}: no {source}.wav{hint}")
             return audio.load(path, sample_rate=SAMPLE_RATE)
         return audio.load(self.path, stream=_STREAMS[source], sample_rate=SAMPLE_RATE)
 
@@ -183,7 +185,7 @@ def _tracks_in(folder: Path, subset: str) -> list[Track]:
     tracks += [
         Track(path.name, subset, path)
         for path in folder.iterdir()
-        if path.is_dir() and any((path / f"{stem}.wav").is_file() for stem in _STREAMS)
+        if path.is_dir() and any(any(path.glob(f"{stem}.*")) for stem in _STREAMS)
     ]
     return sorted(tracks, key=lambda t: (t.name, t.path.name))
 
@@ -447,9 +449,10 @@ def score_track(
         for kind, signals in (("true", refs), ("estimated", ests)):
             silent = [t for t, x in zip(names, signals, strict=True) if _silent(x)]
             if silent:
+                stems = "stem is" if len(silent) == 1 else "stems are"
                 raise ValueError(
-                    f"the {kind} {', '.join(silent)} stem is silent throughout (its channels "
-                    "sum to zero): BSSEval cannot score it"
+                    f"the {kind} {', '.join(silent)} {stems} silent throughout (channels "
+                    "summing to zero): BSSEval cannot score it"
                 )
         if backend == "museval":
             values = _museval_eval(refs, ests, window=win, hop=step)
@@ -624,14 +627,15 @@ class _RunRecord:
             and isinstance(done, list)
             and all(isinstance(n, str) for n in done)
             and (targets is None or isinstance(targets, list))
+            and isinstance(earlier.get("unscored", []), list)
         ):
             raise DatasetError(f"{self.path}: not a record of a splitstems evaluation")
-        if earlier["settings"] != self.settings:
-            old = earlier["settings"]
+        if _compared(earlier["settings"]) != _compared(self.settings):
+            old, new = _compared(earlier["settings"]), _compared(self.settings)
             changes = [
-                f"{k} {old.get(k)!r} -> {self.settings.get(k)!r}"
-                for k in sorted({*old, *self.settings})
-                if old.get(k) != self.settings.get(k)
+                f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+                for k in sorted({*old, *new})
+                if old.get(k) != new.get(k)
             ]
             raise DatasetError(
                 f"{out}: cannot resume, the earlier run used other settings "
@@ -678,7 +682,7 @@ def _intact(scores: Any, targets: list[str] | None) -> bool:
     names = []
     for target in scores["targets"]:
         frames = target.get("frames") if isinstance(target, dict) else None
-        if not isinstance(frames, list) or not frames or not isinstance(target["name"], str):
+        if not isinstance(frames, list) or not frames or not isinstance(target.get("name"), str):
             return False
         for frame in frames:
             metrics = frame.get("metrics") if isinstance(frame, dict) else None
@@ -692,19 +696,39 @@ def _intact(scores: Any, targets: list[str] | None) -> bool:
 
 def check_resume(
     output_dir: str | os.PathLike[str],
+    mus_dir: str | os.PathLike[str],
     subset: str = "test",
     *,
     backend: str = "fast",
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Raise :class:`DatasetError` unless ``output_dir`` holds a run to resume with these."""
-    _record(Path(output_dir), subset, backend, settings).resumed()
+    _record(Path(output_dir), mus_dir, subset, backend, settings).resumed()
 
 
-def _record(out: Path, subset: str, backend: str, settings: dict[str, Any] | None) -> _RunRecord:
+def _record(
+    out: Path,
+    mus_dir: str | os.PathLike[str],
+    subset: str,
+    backend: str,
+    settings: dict[str, Any] | None,
+) -> _RunRecord:
+    dataset = str(Path(mus_dir).resolve())
     return _RunRecord(
-        out / f"{subset}.settings.json", {"subset": subset, "backend": backend, **(settings or {})}
+        out / f"{subset}.settings.json",
+        {"mus_dir": dataset, "subset": subset, "backend": backend, **(settings or {})},
     )
+
+
+def _compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """Return the settings a resume must match.
+
+    A model's name as typed is not compared when the sha256 of its configuration and
+    weights is there (``./a.json`` is ``a.json``).
+    """
+    if "model_sha256" in settings:
+        return {k: v for k, v in settings.items() if k != "model"}
+    return settings
 
 
 def _failure_message(track: Track, exc: Exception) -> str:
@@ -772,7 +796,7 @@ def evaluate(
     unscored: set[str] = set()
     record: _RunRecord | None = None
     if out is not None:
-        record = _record(out, subset, backend, settings)
+        record = _record(out, mus_dir, subset, backend, settings)
         if resume:
             record = record.resumed()
             results = record.kept(out / subset, selected)
@@ -854,6 +878,7 @@ def evaluate(
     summary.resumed = sorted(resumed)
     summary.elapsed = time.perf_counter() - start
     summary.settings = {
+        "mus_dir": str(Path(mus_dir).resolve()),
         "subset": subset,
         "tracks": len(selected),
         "backend": backend,

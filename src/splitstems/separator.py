@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from splitstems import audio, hub
@@ -184,9 +185,12 @@ class Separator:
         digest = hashlib.sha256(
             json.dumps(self.config.to_json_dict(), sort_keys=True).encode("utf-8")
         )
-        with open(self.weights_path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
+        # the tensors, not the file: its metadata (source path, key order) varies
+        with safe_open(str(self.weights_path), framework="pt") as weights:
+            for name in sorted(weights.keys()):
+                tensor = weights.get_tensor(name).contiguous()
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
     @property
