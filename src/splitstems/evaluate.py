@@ -644,14 +644,18 @@ class _RunRecord:
         unscored = [str(n) for n in earlier.get("unscored") or []]
         return _RunRecord(self.path, self.settings, list(done), targets, unscored)
 
-    def kept(self, folder: Path, tracks: Sequence[Track]) -> dict[str, dict[str, Any]]:
+    def result_path(self, name: str) -> Path:
+        """Return where the result of track ``name`` is written: ``<out>/<subset>/name.json``."""
+        return self.path.parent / self.settings["subset"] / f"{name}.json"
+
+    def kept(self, tracks: Sequence[Track]) -> dict[str, dict[str, Any]]:
         """Read the results of ``tracks`` this record marks done and that are intact."""
         found: dict[str, dict[str, Any]] = {}
         for track in tracks:
             if track.name not in self.done:
                 continue
             try:
-                scores = json.loads((folder / f"{track.name}.json").read_text())
+                scores = json.loads(self.result_path(track.name).read_text())
             except (OSError, ValueError):
                 scores = None
             if _intact(scores, self.targets):
@@ -703,21 +707,24 @@ def check_resume(
     settings: dict[str, Any] | None = None,
 ) -> None:
     """Raise :class:`DatasetError` unless ``output_dir`` holds a run to resume with these."""
-    _record(Path(output_dir), mus_dir, subset, backend, settings).resumed()
+    run = _run_settings(mus_dir, subset, backend, settings)
+    _RunRecord(_record_path(Path(output_dir), subset), run).resumed()
 
 
-def _record(
-    out: Path,
-    mus_dir: str | os.PathLike[str],
-    subset: str,
-    backend: str,
-    settings: dict[str, Any] | None,
-) -> _RunRecord:
+def _run_settings(
+    mus_dir: str | os.PathLike[str], subset: str, backend: str, settings: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Return what a run computes with: dataset, subset, metrics and the caller's settings."""
     dataset = str(Path(mus_dir).resolve())
-    return _RunRecord(
-        out / f"{subset}.settings.json",
-        {"mus_dir": dataset, "subset": subset, "backend": backend, **(settings or {})},
-    )
+    return {"mus_dir": dataset, "subset": subset, "backend": backend, **(settings or {})}
+
+
+def _record_path(out: Path, subset: str) -> Path:
+    return out / f"{subset}.settings.json"
+
+
+def _cannot_write(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 def _compared(settings: dict[str, Any]) -> dict[str, Any]:
@@ -791,21 +798,22 @@ def evaluate(
 
     check_backend(backend)
     selected = find_tracks(mus_dir, subset, names=tracks)
+    run = _run_settings(mus_dir, subset, backend, settings)
     out = Path(output_dir) if output_dir is not None else None
     results: dict[str, dict[str, Any]] = {}
     unscored: set[str] = set()
     record: _RunRecord | None = None
     if out is not None:
-        record = _record(out, mus_dir, subset, backend, settings)
+        record = _RunRecord(_record_path(out, subset), run)
         if resume:
             record = record.resumed()
-            results = record.kept(out / subset, selected)
+            results = record.kept(selected)
             unscored.update(record.unscored)
         try:
             (out / subset).mkdir(parents=True, exist_ok=True)
             record.save()
         except OSError as exc:
-            raise OutputError(f"{record.path}: cannot write ({exc.strerror or exc})") from None
+            raise _cannot_write(record.path, exc) from None
     elif resume:
         raise ValueError("resume needs an output_dir")
     start = time.perf_counter()
@@ -817,9 +825,9 @@ def evaluate(
 
     def fail(track: Track, exc: Exception) -> None:
         failed[track.name] = message = _failure_message(track, exc)
-        if out is not None and record is not None:  # no stale scores beside this summary
+        if record is not None:  # no stale scores beside this summary
             with contextlib.suppress(OSError):
-                (out / subset / f"{track.name}.json").unlink(missing_ok=True)
+                record.result_path(track.name).unlink(missing_ok=True)
                 record.drop(track.name)
         bar.update(1)
         bar.set_postfix_str(f"{track.name[:20]}: failed", refresh=False)
@@ -835,15 +843,18 @@ def evaluate(
             except (SplitstemsError, ValueError) as exc:
                 fail(track, exc)
                 continue
-            if out is not None and record is not None:
-                path = out / subset / f"{track.name}.json"
+            if record is not None:
+                path = record.result_path(track.name)
                 try:
                     atomic_write(path, json.dumps(scores, indent=2, allow_nan=True))
+                except OSError as exc:
+                    fail(track, _cannot_write(path, exc))
+                    continue
+                try:
                     record.unscored = sorted(unscored)
                     record.add(track.name, scores)
                 except OSError as exc:
-                    name = path if path.name in str(exc.filename) else record.path
-                    fail(track, OutputError(f"{name}: cannot write ({exc.strerror or exc})"))
+                    fail(track, _cannot_write(record.path, exc))
                     continue
             results[track.name] = scores
             bar.update(1)
@@ -877,19 +888,13 @@ def evaluate(
     summary.failed = dict(sorted(failed.items()))
     summary.resumed = sorted(resumed)
     summary.elapsed = time.perf_counter() - start
-    summary.settings = {
-        "mus_dir": str(Path(mus_dir).resolve()),
-        "subset": subset,
-        "tracks": len(selected),
-        "backend": backend,
-        **(settings or {}),
-    }
+    summary.settings = {**run, "tracks": len(selected)}
     if out is not None:
         path = out / "summary.json"
         try:
             atomic_write(path, json.dumps(_nan_to_none(summary.to_json()), indent=2))
         except OSError as exc:
-            summary.write_error = f"{path}: cannot write ({exc.strerror or exc})"
+            summary.write_error = str(_cannot_write(path, exc))
     return summary
 
 
