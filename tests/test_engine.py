@@ -155,22 +155,6 @@ def test_overlap_removes_clicks_at_segment_boundaries(separator_2stems):
             assert residual[near].max() <= residual[inner].max()
 
 
-def test_prefetch_keeps_order_and_reraises():
-    from splitstems.engine import prefetch
-
-    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
-
-    def broken():
-        yield 1
-        raise RuntimeError("decoder died")
-
-    got = []
-    with pytest.raises(RuntimeError, match="decoder died"):
-        for item in prefetch(broken()):
-            got.append(item)
-    assert got == [1]
-
-
 def test_ordered_worker_runs_in_order_and_reports_errors():
     from splitstems.engine import OrderedWorker
 

@@ -21,11 +21,9 @@ Two options change what is computed, not how much memory it takes:
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from contextlib import closing
 
 import numpy as np
 import torch
@@ -34,6 +32,7 @@ from splitstems import dsp
 from splitstems.config import ModelConfig
 from splitstems.models.fast import FastSpleeterModel, fuse_for_inference
 from splitstems.models.unet import SpleeterModel
+from splitstems.readahead import prefetch
 from splitstems.wiener import StreamingWiener
 
 __all__ = ["pick_device", "Engine", "PRECISIONS", "prefetch", "OrderedWorker"]
@@ -202,23 +201,27 @@ class Engine:
         filters = [self._new_wiener() if self.mwf else None for _ in self.shift_offsets]
         for _ in range(self.n_passes - 1):  # MWF statistics passes: nothing to emit
             states = self._states(on_segments, filters)
-            for _ in self._drive(states, opened()):
-                pass
+            with closing(self._drive(states, opened())) as steps:
+                for _ in steps:
+                    pass
             for wiener in filters:
                 wiener.end_pass()  # type: ignore[union-attr]
         states = self._states(on_segments, filters)
-        if len(states) == 1:
-            for outputs in self._drive(states, opened()):
-                yield from outputs[0]
-            return
-        merger = _ShiftMerger(len(states), self.instruments)
-        for outputs in self._drive(states, opened()):
-            for index, stems in enumerate(outputs):
-                for chunk in stems:
-                    merger.push(index, chunk)
-            merged = merger.pop()
-            if merged is not None:
-                yield merged
+        # closing: a consumer that stops early closes this generator, which closes the
+        # input's iterator at once (a read-ahead thread stops, a decoder closes its file)
+        with closing(self._drive(states, opened())) as steps:
+            if len(states) == 1:
+                for outputs in steps:
+                    yield from outputs[0]
+                return
+            merger = _ShiftMerger(len(states), self.instruments)
+            for outputs in steps:
+                for index, stems in enumerate(outputs):
+                    for chunk in stems:
+                        merger.push(index, chunk)
+                merged = merger.pop()
+                if merged is not None:
+                    yield merged
 
     def _new_wiener(self) -> StreamingWiener:
         cfg = self.config
@@ -246,15 +249,22 @@ class Engine:
     ) -> Iterator[list[list[dict[str, np.ndarray]]]]:
         """Feed every state the same pieces; yield each state's outputs per step."""
         piece = self.batch_segments * self.segment_samples
-        for chunk in chunks:
-            array = np.asarray(chunk, dtype=np.float32)
-            if array.ndim != 2 or array.shape[1] != self.config.n_channels:
-                raise ValueError(
-                    f"expected a (n_samples, {self.config.n_channels}) waveform, got {array.shape}"
-                )
-            for begin in range(0, array.shape[0], piece):  # bounded work per step
-                part = array[begin : begin + piece]
-                yield [list(state.feed(part)) for state in states]
+        iterator = iter(chunks)
+        try:
+            for chunk in iterator:
+                array = np.asarray(chunk, dtype=np.float32)
+                if array.ndim != 2 or array.shape[1] != self.config.n_channels:
+                    raise ValueError(
+                        f"expected a (n_samples, {self.config.n_channels}) waveform, "
+                        f"got {array.shape}"
+                    )
+                for begin in range(0, array.shape[0], piece):  # bounded work per step
+                    part = array[begin : begin + piece]
+                    yield [list(state.feed(part)) for state in states]
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # stops a read-ahead thread, closes a decoder, at once
         yield [list(state.finish()) for state in states]
 
     def segment_weights(self) -> torch.Tensor:
@@ -564,50 +574,6 @@ class _ShiftMerger:
                 queue_[0] = {name: head[name][need:] for name in self.instruments}
                 need = 0
         return {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
-
-
-T_co = TypeVar("T_co")
-_DONE = object()
-
-
-def prefetch(items: Iterable[T_co], *, depth: int = 2) -> Iterator[T_co]:
-    """Iterate ``items`` in a background thread, up to ``depth`` items ahead.
-
-    Decoding the next chunk then overlaps the model's compute on this one (the codecs
-    release the GIL). Exceptions are re-raised in the consumer; closing the generator
-    stops the producer.
-    """
-    buffer: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            buffer.put(exc)
-
-    thread = threading.Thread(target=produce, name="splitstems-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 class OrderedWorker:

@@ -335,11 +335,13 @@ class Separator:
 
             encoder = OrderedWorker(depth=2)
             n_written = 0
+            stream = self.engine.stream(inputs, on_segments=progress)
             try:
-                for stems in self.engine.stream(inputs, on_segments=progress):
+                for stems in stream:
                     encoder.submit(write, stems)
                     n_written += next(iter(stems.values())).shape[0]
             except BaseException:
+                stream.close()  # stops the decoder's read-ahead thread now
                 encoder.join(raise_errors=False)
                 raise
             encoder.join()

@@ -20,12 +20,11 @@ import json
 import logging
 import math
 import os
-import queue
 import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,6 +36,7 @@ import torch
 from splitstems.config import ModelConfig, load_config
 from splitstems.errors import CheckpointError, ConfigError
 from splitstems.models.unet import SpleeterModel
+from splitstems.readahead import prefetch
 from splitstems.train import checkpoint
 from splitstems.train.data import (
     DataError,
@@ -186,48 +186,6 @@ def evaluate(
 
 def _step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step, 3]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class _Prefetch:
-    """Compute the next batches in a thread while the model trains on the current one."""
-
-    def __init__(self, batches: Iterator[Any], depth: int = 2) -> None:
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(batches,), daemon=True)
-        self._thread.start()
-
-    def _run(self, batches: Iterator[Any]) -> None:
-        try:
-            for item in batches:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            self._queue.put(("error", exc))
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            kind, value = self._queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-
-    def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
 
 
 class _StopSignal:
@@ -471,7 +429,7 @@ def train(
     step = start
     train_seconds = 0.0
     window: list[float] = []
-    batches = _Prefetch(data.batches(start, stop_at))
+    batches = prefetch(data.batches(start, stop_at), depth=2)
     try:
         with _StopSignal() as stop:
             for batch_step, mix, targets in batches:
