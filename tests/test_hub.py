@@ -13,6 +13,9 @@ import hashlib
 import http.server
 import io
 import json
+import logging
+import os
+import shutil
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from splitstems import hub
+from splitstems import hub, weights
 from splitstems.config import load_config
 from splitstems.errors import DownloadError, ModelError
 
@@ -32,6 +35,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("SPLITSTEMS_CACHE", str(path))
     monkeypatch.delenv("SPLITSTEMS_MODEL_DIR", raising=False)
+    monkeypatch.delenv("MODEL_PATH", raising=False)
     monkeypatch.setenv("SPLITSTEMS_DOWNLOAD_URL", "http://127.0.0.1:9/unreachable")
     return path
 
@@ -120,7 +124,8 @@ def test_download_from_file_url_converts_into_the_cache(
     _use_release(monkeypatch, releases, "root", (releases / "root").as_uri())
     path = hub.download_checkpoint("2stems", progress=False)
     assert path == cache / "2stems" / "model.safetensors"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.safetensors"]
+    files = sorted(p.name for p in path.parent.iterdir())
+    assert files == ["checksum.json", "config.json", "model.safetensors"]
     assert load_config(path.parent / "config.json").instruments == ("vocals", "accompaniment")
     assert _cache_entries(cache) == {"2stems"}  # no temp files left behind
     # Both 2stems configs resolve to it now, without any network.
@@ -320,8 +325,218 @@ def test_json_config_finds_weights_next_to_it_or_in_its_model_dir(
     # model_dir relative to the working directory.
     monkeypatch.chdir(tmp_path)
     (cfg_dir / "my_model").rename(tmp_path / "my_model")
-    moved = hub.resolve_weights(config)  # another path: another conversion
-    assert moved != converted and moved.parent.name.startswith("my_model-")
+    moved = hub.resolve_weights(config)  # the same files by another path: no new conversion
+    assert moved == converted
     # Converted weights next to the config win.
     (cfg_dir / "model.safetensors").write_bytes(b"weights")
     assert hub.resolve_weights(config) == cfg_dir / "model.safetensors"
+
+
+# --------------------------------------------------------------------------- cache repair
+
+
+def _no_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        "splitstems.convert.convert_checkpoint",
+        lambda *a, **k: pytest.fail("converted again"),
+    )
+
+
+def _tensor_digest(path: Path) -> str:
+    """sha256 of the tensor data (the header's metadata order varies between conversions)."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(0, 1))  # another mtime, even on a coarse clock
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(3_000_000)
+
+
+def _make_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _truncate_old_entry(path: Path) -> None:  # an entry of an older version: no record
+    (path.parent / weights.RECORD).unlink()
+    _truncate(path)
+
+
+REPAIRS = {
+    "truncated": (_truncate, "truncated (the header describes 78,614,072 bytes"),
+    "changed bytes": (_flip_last_byte, "its sha256 ("),
+    "a folder": (_make_folder, "is a folder, not a safetensors weights file"),
+    "old entry, truncated": (_truncate_old_entry, "truncated"),
+}
+
+
+@pytest.mark.parametrize("kind", REPAIRS)
+def test_damaged_converted_entry_is_converted_again_with_a_warning(
+    kind: str, checkpoint_2stems: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config("spleeter:2stems")
+    first = hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
+    digest = _tensor_digest(first)
+    damage, cause = REPAIRS[kind]
+    damage(first)
+    with caplog.at_level(logging.WARNING, logger="splitstems.hub"):
+        again = hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
+    assert again == first and _tensor_digest(again) == digest
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert message.startswith(f"{first}: damaged cache entry ({cause}")
+    assert message.endswith(f"; converting {checkpoint_2stems / 'model.index'} again")
+    assert "\n" not in message
+    assert weights.verify(again) is None
+    assert {p.name for p in (cache / "converted").iterdir()} == {first.parent.name}
+
+
+def test_entry_of_an_older_version_is_hashed_once_and_recorded(
+    checkpoint_2stems: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config("spleeter:2stems")
+    first = hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
+    record = first.parent / weights.RECORD
+    recorded = json.loads(record.read_text())
+    record.unlink()
+    _no_conversion(monkeypatch)
+    assert hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False) == first
+    assert json.loads(record.read_text()) == recorded
+
+
+def test_damaged_download_entry_is_downloaded_again(
+    releases: Path,
+    cache: Path,
+    server: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    base, requests = server
+    _use_release(monkeypatch, releases, "root", f"{base}/root")
+    config = load_config("spleeter:2stems")
+    first = hub.resolve_weights(config, progress=False)
+    digest = _tensor_digest(first)
+    _truncate(first)
+    # Offline, the damage is one line that names the file and the cause.
+    with pytest.raises(ModelError) as info:
+        hub.resolve_weights(config, download=False)
+    message = str(info.value)
+    assert message.startswith(f"{first}: truncated (") and "\n" not in message
+    assert "downloading is disabled" in message
+    with caplog.at_level(logging.WARNING, logger="splitstems.hub"):
+        again = hub.resolve_weights(config, progress=False)
+    assert again == first and _tensor_digest(again) == digest
+    assert requests == ["/root/2stems.tar.gz"] * 2
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"{first}: damaged cache entry"
+    ]
+    assert caplog.records[0].getMessage().endswith("; downloading it again")
+    assert _cache_entries(cache) == {"2stems"}
+
+
+def test_hand_placed_cache_entry_that_is_damaged_is_one_line(cache: Path, tmp_path: Path) -> None:
+    data = load_config("spleeter:2stems").to_json_dict() | {"model_dir": "mine"}
+    (cache / "mine").mkdir(parents=True)
+    (cache / "mine" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "mine.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError) as info:
+        hub.resolve_weights(load_config(tmp_path / "mine.json"))
+    assert str(info.value).startswith(
+        f"{cache / 'mine' / 'model.safetensors'}: empty file, not a safetensors weights file; "
+        "the cached weights are damaged and cannot be fetched again (it is not a released model)"
+    )
+
+
+def test_folders_left_by_a_killed_conversion_are_removed(
+    checkpoint_2stems: Path, cache: Path
+) -> None:
+    config = load_config("spleeter:2stems")
+    first = hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
+    converted = first.parent.parent
+    name = first.parent.name
+    for path in converted.iterdir():
+        shutil.rmtree(path)
+    stale = converted / f".{name}-k1ll3d_x"
+    (stale / "converted").mkdir(parents=True)
+    (stale / "converted" / "model.safetensors").write_bytes(b"half")
+    other = converted / ".2stems-0000000000000000-k1ll3d_x"  # another entry's: not ours to remove
+    other.mkdir()
+    assert hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False) == first
+    assert {p.name for p in converted.iterdir()} == {name, other.name}
+
+
+def test_unwritable_cache_is_one_line(checkpoint_2stems: Path, cache: Path) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(b"")  # a file where the cache folder should be
+    with pytest.raises(ModelError) as info:
+        hub.resolve_weights(
+            load_config("spleeter:2stems"), model_dir=checkpoint_2stems, download=False
+        )
+    message = str(info.value)
+    assert message.startswith(f"{cache}: cannot write to the model cache (")
+    assert "SPLITSTEMS_CACHE" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def test_same_checkpoint_by_other_paths_is_converted_once(
+    shared_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config("spleeter:2stems")
+    absolute = shared_dir / "models" / "spleeter"
+    first = hub.resolve_weights(config, model_dir=absolute, download=False)
+    _no_conversion(monkeypatch)
+    link = tmp_path / "linked"
+    link.symlink_to(absolute)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    relative = os.path.relpath(absolute, work)
+    assert relative.startswith("..")
+    for other in (relative, link, link / "2stems", absolute / "2stems" / ".." / "2stems"):
+        assert hub.resolve_weights(config, model_dir=other, download=False) == first
+    monkeypatch.setenv("SPLITSTEMS_MODEL_DIR", relative)
+    assert hub.resolve_weights(config, download=False) == first
+    assert len(list((cache / "converted").iterdir())) == 1
+
+
+# --------------------------------------------------------------------------- MODEL_PATH
+
+
+def test_spleeter_model_path_is_honoured_below_our_own_settings(
+    shared_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_config("spleeter:2stems")
+    monkeypatch.setenv("MODEL_PATH", str(shared_dir / "models" / "spleeter"))
+    converted = hub.resolve_weights(config, download=False)
+    assert converted.parent.parent == cache / "converted"
+    assert {m.name for m in hub.list_models() if m.available} == {
+        "spleeter:2stems",
+        "spleeter:2stems-16kHz",
+    }
+    ours = tmp_path / "ours"
+    (ours / "2stems").mkdir(parents=True)
+    (ours / "2stems" / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setenv("SPLITSTEMS_MODEL_DIR", str(ours))
+    assert hub.resolve_weights(config, download=False) == ours / "2stems" / "model.safetensors"
+    explicit = tmp_path / "explicit"
+    explicit.mkdir()
+    (explicit / "model.safetensors").write_bytes(b"weights")
+    assert (
+        hub.resolve_weights(config, model_dir=explicit, download=False)
+        == explicit / "model.safetensors"
+    )
+    # MODEL_PATH is a Spleeter pretrained_models folder: <MODEL_PATH>/<model_dir> only.
+    monkeypatch.delenv("SPLITSTEMS_MODEL_DIR")
+    monkeypatch.setenv("MODEL_PATH", str(explicit))
+    with pytest.raises(ModelError, match="downloading is disabled"):
+        hub.resolve_weights(config, download=False)

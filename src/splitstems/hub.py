@@ -8,13 +8,22 @@ found, in this order, in
    (``<dir>/<model_dir>/model.safetensors`` or ``<dir>/model.safetensors``) or Spleeter's
    ``pretrained_models`` layout (``<dir>/<model_dir>/model.index`` + data, or
    ``<dir>/model.index``), the latter converted once into the cache;
-2. for a config read from a JSON file: ``model.safetensors`` next to it, or its
+2. when neither is given, Spleeter's own ``$MODEL_PATH`` (its ``pretrained_models``
+   folder): ``$MODEL_PATH/<model_dir>`` in either layout, so a Spleeter set-up works as is;
+3. for a config read from a JSON file: ``model.safetensors`` next to it, or its
    ``model_dir`` (relative to the JSON's folder, then the working directory) in either
    layout;
-3. the cache, ``cache_dir()/<model_dir>/model.safetensors``;
-4. a download of the released archive (sha256-checked, converted, cached).
+4. the cache, ``cache_dir()/<model_dir>/model.safetensors``;
+5. a download of the released archive (sha256-checked, converted, cached).
+
+What the cache holds is verified before use: each entry keeps the sha256 of its weights
+(``checksum.json``, see :mod:`splitstems.weights`), and an entry found damaged is
+rebuilt, with a warning, from its source (the local checkpoint again, or a new
+download). Conversions are keyed by the checkpoint files' real paths (symlinks and
+relative paths resolved), their sizes and mtimes.
 
 Environment: ``SPLITSTEMS_CACHE`` (cache folder), ``SPLITSTEMS_MODEL_DIR`` (local models),
+``MODEL_PATH`` (Spleeter's, used when ``SPLITSTEMS_MODEL_DIR`` is unset),
 ``SPLITSTEMS_DOWNLOAD_URL`` (base URL of a mirror of the release assets).
 """
 
@@ -26,14 +35,18 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from splitstems import weights as _weights
 from splitstems.config import RELEASED_MODELS, ModelConfig, checkpoint_name, load_config
 from splitstems.errors import CheckpointError, ConfigError, DownloadError, ModelError
 
@@ -132,12 +145,79 @@ def _env_model_dir() -> Path | None:
     return Path(env).expanduser() if env else None
 
 
-def _lock(name: str):  # -> filelock.FileLock (imported lazily)
+def _spleeter_model_path() -> Path | None:
+    """Spleeter's ``$MODEL_PATH`` (its ``pretrained_models`` folder), if set."""
+    env = os.environ.get("MODEL_PATH")
+    return Path(env).expanduser() if env else None
+
+
+def _unwritable(root: Path, exc: OSError) -> ModelError:
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return ModelError(
+        f"{root}: cannot write to the model cache ({cause}); set SPLITSTEMS_CACHE to a "
+        "writable folder, or convert the checkpoint once with `splitstems convert CHECKPOINT "
+        "-o DIR` and pass --model-dir DIR"
+    )
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Hold the cache's file lock ``name`` (a concurrent process waits for it).
+
+    Raises:
+        ModelError: the cache folder cannot be written.
+    """
     from filelock import FileLock
 
-    locks = cache_dir() / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(locks / f"{name}.lock"))
+    root = cache_dir()
+    locks = root / ".locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(locks / f"{name}.lock"))
+        lock.acquire()
+    except OSError as exc:
+        raise _unwritable(root, exc) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def _staging(folder: Path, name: str) -> Iterator[Path]:
+    """Yield a temp folder beside the cache entry ``folder/name``; remove it afterwards.
+
+    Call it holding the entry's lock: folders a killed process left for the same entry
+    (ours by name, and no live process can own them while we hold the lock) go first.
+
+    Raises:
+        ModelError: the cache folder cannot be written.
+    """
+    stale = re.compile(rf"\.{re.escape(name)}-[a-z0-9_]{{8}}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in folder.iterdir():
+            if stale.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+                log.info("removing %s, left by an interrupted run", path)
+                shutil.rmtree(path, ignore_errors=True)
+        tmp = tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder)
+    except OSError as exc:
+        raise _unwritable(cache_dir(), exc) from None
+    with tmp as path:
+        yield Path(path)
+
+
+def _damage(entry: Path) -> str | None:
+    """Why the cache entry ``entry`` cannot be used: None if it can, "" if it is absent."""
+    weights = entry / _WEIGHTS
+    if not os.path.lexists(weights):
+        return ""
+    return _weights.verify(weights)
+
+
+def _record(staging: Path) -> None:
+    """Record the checksum of freshly converted weights (before they are installed)."""
+    _weights.write_record(staging / _WEIGHTS)
 
 
 def _offline_hint(name: str) -> str:
@@ -167,14 +247,18 @@ def download_checkpoint(name: str, *, progress: bool = True) -> Path:
     release = _release(name)
     root = cache_dir()
     final = root / release.name
-    if (final / _WEIGHTS).is_file():
+    if _damage(final) is None:
         return final / _WEIGHTS
     url = download_url(release.name)
-    with _lock(release.name):
-        if (final / _WEIGHTS).is_file():  # another process finished while we waited
+    with _locked(release.name):
+        damage = _damage(final)
+        if damage is None:  # another process finished while we waited
             return final / _WEIGHTS
-        with tempfile.TemporaryDirectory(prefix=f".{release.name}-", dir=root) as tmp:
-            work = Path(tmp)
+        if damage:
+            log.warning(
+                "%s: damaged cache entry (%s); downloading it again", final / _WEIGHTS, damage
+            )
+        with _staging(root, release.name) as work:
             archive = work / release.filename
             digest = _fetch(url, archive, release=release, progress=progress)
             if digest != release.sha256:
@@ -192,7 +276,8 @@ def download_checkpoint(name: str, *, progress: bool = True) -> Path:
             staging = work / "converted"
             config = load_config(f"spleeter:{release.name}")
             convert_checkpoint(checkpoint, staging, config, source=f"{url} sha256:{digest}")
-            _install(staging, final)
+            _record(staging)
+            _install(staging, final, trash=work / "old")
     log.info("%s: cached in %s", release.name, final)
     return final / _WEIGHTS
 
@@ -284,18 +369,15 @@ def _find_checkpoint(folder: Path, name: str, *, source: str) -> Path:
     )
 
 
-def _install(staging: Path, final: Path) -> None:
-    """Move converted files into ``final`` atomically (weights last: they mark completion)."""
-    if not final.exists():
-        try:
-            os.replace(staging, final)
-            return
-        except OSError:
-            if not final.is_dir():
-                raise
-    final.mkdir(parents=True, exist_ok=True)
-    os.replace(staging / _CONFIG, final / _CONFIG)
-    os.replace(staging / _WEIGHTS, final / _WEIGHTS)
+def _install(staging: Path, final: Path, *, trash: Path) -> None:
+    """Move the folder ``staging`` to ``final`` in one rename.
+
+    A damaged entry already at ``final`` is first moved to ``trash`` (in the staging
+    area, removed with it): a reader sees the old entry or the new one, never a mix.
+    """
+    if os.path.lexists(final):
+        os.replace(final, trash)
+    os.replace(staging, final)
 
 
 # --------------------------------------------------------------------------- lookup
@@ -344,6 +426,10 @@ def _candidates(
         if not root.is_dir():
             log.warning("model folder %s does not exist", root)
         folders += [(root / config.model_dir, True), (root, True)]
+    else:
+        spleeter = _spleeter_model_path()  # Spleeter's layout only: MODEL_PATH/<model_dir>
+        if spleeter is not None:
+            folders.append((spleeter / config.model_dir, True))
     if not config.name.startswith("spleeter:"):
         config_folder = Path(config.name).expanduser().parent
         # Next to a JSON config: converted files only; then its model_dir, either layout.
@@ -355,7 +441,7 @@ def _candidates(
     seen: set[tuple[Path, bool]] = set()
     unique = []
     for folder, tf_ok in folders:
-        key = (folder.absolute(), tf_ok)
+        key = (folder.resolve(), tf_ok)
         if key not in seen:
             seen.add(key)
             unique.append((folder, tf_ok))
@@ -365,18 +451,25 @@ def _candidates(
 def _find_local(
     config: ModelConfig, model_dir: str | os.PathLike[str] | None, *, tried: list[str]
 ) -> Path | None:
-    """Return local weights (``model.safetensors``) or a TF checkpoint prefix, or None."""
+    """Return local weights (``model.safetensors``) or a TF checkpoint prefix, or None.
+
+    A ``model.safetensors`` that is not a plain file (a folder, say) is returned too: it
+    is what the user pointed at, and loading it says what is wrong with it.
+    """
     for folder, tf_ok in _candidates(config, model_dir):
         tried.append(str(folder))
         weights = folder / _WEIGHTS
-        if weights.is_file() and _fits(folder, config):
+        if os.path.lexists(weights) and _fits(folder, config):
             return weights
         prefix = _tf_prefix(folder) if tf_ok else None
         if prefix is not None:
             return prefix
-    cached = cache_dir() / _safe_name(config.model_dir) / _WEIGHTS
-    tried.append(str(cached.parent))
-    return cached if cached.is_file() else None
+    return None
+
+
+def _cache_entry(config: ModelConfig) -> Path:
+    """Return the cache folder of ``config``'s downloaded (or hand-placed) weights."""
+    return cache_dir() / _safe_name(config.model_dir)
 
 
 def _base_config(config: ModelConfig) -> ModelConfig:
@@ -389,29 +482,43 @@ def _base_config(config: ModelConfig) -> ModelConfig:
 
 
 def _convert_cached(prefix: Path, config: ModelConfig) -> Path:
-    """Convert a TF checkpoint once into the cache, keyed by its path, sizes and mtimes."""
+    """Convert a TF checkpoint once into the cache; return the converted weights.
+
+    The entry is keyed by the real path (symlinks resolved), size and mtime of each
+    checkpoint file, so the same files reached by other paths share one conversion and
+    changed files are converted again. A damaged entry is converted again, with a warning.
+    """
     from splitstems.convert import convert_checkpoint
 
     index = Path(f"{prefix}.index").absolute()
-    parts = [_CONVERTER_VERSION, str(index), config.model_dir, ",".join(config.instruments)]
+    parts = [_CONVERTER_VERSION, config.model_dir, ",".join(config.instruments)]
     data_files = sorted(index.parent.glob(f"{index.stem}.data-*"))
     for path in [index, *data_files]:
         stat = path.stat()
-        parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+        parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     name = f"{_safe_name(config.model_dir)}-{key}"
     final = cache_dir() / "converted" / name
-    if (final / _WEIGHTS).is_file():
+    if _damage(final) is None:
         return final / _WEIGHTS
-    with _lock(f"convert-{name}"):
-        if (final / _WEIGHTS).is_file():
+    with _locked(f"convert-{name}"):
+        damage = _damage(final)
+        if damage is None:  # another process converted it while we waited
             return final / _WEIGHTS
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=final.parent) as tmp:
-            staging = Path(tmp) / "converted"
+        if damage:
+            log.warning(
+                "%s: damaged cache entry (%s); converting %s again",
+                final / _WEIGHTS,
+                damage,
+                index,
+            )
+        else:
             log.info("converting %s into %s", index, final)
+        with _staging(final.parent, name) as work:
+            staging = work / "converted"
             convert_checkpoint(prefix, staging, _base_config(config), source=str(index))
-            _install(staging, final)
+            _record(staging)
+            _install(staging, final, trash=work / "old")
     return final / _WEIGHTS
 
 
@@ -440,9 +547,20 @@ def resolve_weights(
         if found.name == _WEIGHTS:
             return found
         return _convert_cached(found, config)
+    cached = _cache_entry(config)
+    tried.append(str(cached))
+    damage = _damage(cached)
+    if damage is None:
+        return cached / _WEIGHTS
     if download and config.model_dir in REGISTRY:
         return download_checkpoint(config.model_dir, progress=progress)
     why = "downloading is disabled" if download is False else "it is not a released model"
+    if damage:
+        raise ModelError(
+            f"{cached / _WEIGHTS}: {damage}; the cached weights are damaged and cannot be "
+            f"fetched again ({why}): delete {cached} and put good weights there, or pass "
+            "--model-dir"
+        )
     raise ModelError(
         f"no weights for {config.name} ({why}); looked in: {', '.join(tried)}. Put "
         f"{_WEIGHTS} and {_CONFIG} in {cache_dir() / config.model_dir}, or set "
@@ -462,5 +580,7 @@ def list_models(*, model_dir: str | os.PathLike[str] | None = None) -> list[Mode
     for name in RELEASED_MODELS:
         config = load_config(f"spleeter:{name}")
         found = _find_local(config, model_dir, tried=[])
+        if found is None and (_cache_entry(config) / _WEIGHTS).is_file():
+            found = _cache_entry(config) / _WEIGHTS
         out.append(ModelInfo(config.name, found is not None, found))
     return out

@@ -19,13 +19,13 @@ import numpy as np
 import soxr
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
 from splitstems.engine import Engine, OrderedWorker, prefetch
 from splitstems.errors import AudioError, OutputError
 from splitstems.models.unet import SpleeterModel
+from splitstems.weights import load as read_weights
 
 __all__ = ["Separator", "load_model", "output_paths", "DEFAULT_FILENAME_FORMAT"]
 
@@ -55,11 +55,16 @@ def _load_model(
     download: bool,
     progress: bool,
 ) -> tuple[SpleeterModel, ModelConfig, Path]:
-    """:func:`load_model`, and the weights file it read."""
+    """:func:`load_model`, and the weights file it read.
+
+    Raises:
+        ModelError: no weights, or weights that cannot be read (a damaged or foreign
+            ``model.safetensors``) or do not fit the model; the message names the file.
+    """
     config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
     weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
     model = SpleeterModel(config)
-    model.load_weights(load_file(str(weights)), source=f"{weights} ({config.name})")
+    model.load_weights(read_weights(weights), source=str(weights))
     return model.eval(), config, Path(weights)
 
 

@@ -150,19 +150,33 @@ class SpleeterModel(nn.Module):
             CheckpointError: names missing or unexpected, or shapes that differ;
                 ``source`` names the weights in the message.
         """
-        expected = {k for k in self.state_dict() if not k.endswith("num_batches_tracked")}
-        missing = sorted(expected - state.keys())
-        unexpected = sorted(state.keys() - expected)
+        own = {k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")}
+        missing = sorted(own.keys() - state.keys())
+        unexpected = sorted(state.keys() - own.keys())
         if missing or unexpected:
+            problems = [
+                f"{len(names)} {what}: {', '.join(names[:2])}{', ...' if len(names) > 2 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected))
+                if names
+            ]
             raise CheckpointError(
-                f"{source}: the weights do not fit the model "
-                f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+                f"{source}: the weights do not fit the model ({'; '.join(problems)})"
+            )
+        wrong = [
+            f"{name} {tuple(state[name].shape)}, expected {tuple(own[name].shape)}"
+            for name in sorted(own)
+            if tuple(state[name].shape) != tuple(own[name].shape)
+        ]
+        if wrong:
+            more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+            raise CheckpointError(
+                f"{source}: the weights do not fit the model (shapes: {'; '.join(wrong[:3])}{more})"
             )
         try:
             self.load_state_dict(state, strict=False)
         except RuntimeError as exc:
-            raise CheckpointError(f"{source}: the weights do not fit the model ({exc})") from None
+            cause = " ".join(str(exc).split())
+            raise CheckpointError(f"{source}: the weights do not fit the model ({cause})") from None
         return self
 
     def forward(self, magnitude: torch.Tensor) -> torch.Tensor:

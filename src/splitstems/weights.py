@@ -1,0 +1,272 @@
+"""``model.safetensors`` files: check their structure, read them, verify them by checksum.
+
+Weights come from folders people manage by hand and from our cache, so a file may be
+truncated, overwritten with something else, or be a folder. :func:`inspect` reads the
+header alone (a few KB) and says in one line what is wrong; :func:`load` reads the
+tensors with the same one-line errors.
+
+A cache entry keeps a small record beside its weights (``checksum.json``): the file's
+sha256 and a *stamp*, its (size, mtime_ns, inode) when the sha256 was last checked.
+:func:`verify` hashes the file in full (about 60 ms for 75 MB) only when the stamp no
+longer matches, so a change made through the file system (a truncation, a rewrite, a
+replacement) is always caught and an untouched entry costs one ``stat``. Entries
+without a record (older versions, files put there by hand) are checked for structure,
+hashed once and recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from splitstems.errors import ModelError
+from splitstems.files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["RECORD", "TensorHeader", "inspect", "load", "sha256", "write_record", "verify"]
+
+log = logging.getLogger(__name__)
+
+#: The checksum record kept beside cached weights.
+RECORD = "checksum.json"
+_RECORD_VERSION = 1
+#: safetensors refuses headers larger than this; so do we.
+_MAX_HEADER = 100_000_000
+_DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+_HASH_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor of a safetensors header: dtype name (``F32``), shape and byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes"
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, TensorHeader]:
+    """Check the structure of a safetensors file from its header; return its tensors.
+
+    Only the header is read. The tensors' byte ranges must tile the data that follows
+    the header exactly, so a truncated or extended file is caught here.
+
+    Raises:
+        ModelError: ``"<path>: <cause>"`` (a folder, unreadable, empty, truncated, not a
+            safetensors file, a corrupt header).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            file_size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                if file_size == 0:
+                    raise ModelError(f"{path}: empty file, not a safetensors weights file")
+                raise ModelError(
+                    f"{path}: {_size(file_size)} is too short for a safetensors weights file "
+                    "(truncated?)"
+                )
+            (n_header,) = struct.unpack("<Q", prefix)
+            if n_header > _MAX_HEADER:
+                raise ModelError(
+                    f"{path}: not a safetensors weights file (no valid header length in its "
+                    "first 8 bytes)"
+                )
+            raw = fh.read(n_header)
+    except IsADirectoryError:
+        raise ModelError(f"{path}: is a folder, not a safetensors weights file") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) < n_header:
+        looks_like = raw[:1] == b"{"
+        raise ModelError(
+            f"{path}: "
+            + ("truncated" if looks_like else "not a safetensors weights file")
+            + f" (the header needs {_size(8 + n_header)}, the file holds {_size(file_size)})"
+        )
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        what = "corrupt header" if raw[:1] == b"{" else "not a safetensors weights file"
+        raise ModelError(f"{path}: {what} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: not a safetensors weights file (its header is not an object)")
+    tensors = _parse_header(header, path=path)
+    data_size = file_size - 8 - n_header
+    needed = max((t.end for t in tensors.values()), default=0)
+    if data_size < needed:
+        raise ModelError(
+            f"{path}: truncated (the header describes {_size(needed)} of tensor data, the "
+            f"file holds {_size(data_size)})"
+        )
+    if data_size > needed:
+        raise ModelError(
+            f"{path}: {_size(data_size - needed)} after the last tensor (the header describes "
+            f"{_size(needed)} of tensor data); damaged or not a safetensors weights file"
+        )
+    return tensors
+
+
+def _parse_header(header: dict[str, object], *, path: Path) -> dict[str, TensorHeader]:
+    tensors: dict[str, TensorHeader] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where}: corrupt header entry")
+        dtype = entry.get("dtype")
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if dtype not in _DTYPE_SIZES:
+            raise ModelError(f"{where}: unknown dtype {dtype!r}")
+        if not (
+            isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        ) or not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+        ):
+            raise ModelError(f"{where}: corrupt header entry (shape or data_offsets)")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
+            raise ModelError(
+                f"{where}: corrupt header ({end - begin} bytes for shape {tuple(shape)} of {dtype})"
+            )
+        tensors[name] = TensorHeader(dtype, tuple(shape), begin, end)
+    position = 0
+    for name, info in sorted(tensors.items(), key=lambda item: item[1].begin):
+        if info.begin != position:
+            raise ModelError(
+                f"{path}: tensor {name!r}: corrupt header (overlapping or gapped data)"
+            )
+        position = info.end
+    return tensors
+
+
+def load(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read the tensors of a safetensors weights file; every tensor must be floating point.
+
+    Raises:
+        ModelError: ``"<path>: <cause>"`` (see :func:`inspect`).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    tensors = inspect(path)
+    wrong = sorted(name for name, info in tensors.items() if info.dtype not in _FLOAT_DTYPES)
+    if wrong:
+        first = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ModelError(
+            f"{path}: tensor {first!r} is {tensors[first].dtype}{more}; model weights are "
+            "floating point (F32, F16, BF16, F64)"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        cause = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"{path}: cannot read the weights ({cause})") from None
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """Return the sha256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def write_record(weights: str | os.PathLike[str], digest: str | None = None) -> None:
+    """Record ``weights``' sha256 (computed if not given) and stamp in :data:`RECORD`.
+
+    Raises:
+        OSError: the record cannot be written.
+    """
+    weights = Path(weights)
+    if digest is None:
+        digest = sha256(weights)
+    record = {
+        "version": _RECORD_VERSION,
+        "file": weights.name,
+        "sha256": digest,
+        "stamp": _stamp(weights),
+    }
+    atomic_write(weights.parent / RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def _read_record(folder: Path) -> dict[str, object] | None:
+    try:
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return None
+    return record
+
+
+def verify(weights: str | os.PathLike[str]) -> str | None:
+    """Check cached weights against their record; return what is wrong, or None.
+
+    With a record whose stamp matches the file, nothing is read. Otherwise the header
+    is checked (:func:`inspect`, which names a truncation) and the file hashed: with a
+    record the hashes must match, and a match refreshes the stamp; without a (readable)
+    record, as older versions left them, a record is written. A record that cannot be
+    written (a read-only cache) is not an error.
+    """
+    weights = Path(weights)
+    try:
+        stamp = _stamp(weights)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    record = _read_record(weights.parent)
+    if record is not None and record.get("stamp") == stamp:
+        return None
+    try:
+        inspect(weights)
+        digest = sha256(weights)
+    except ModelError as exc:
+        return str(exc).removeprefix(f"{weights}: ")
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    if record is not None and digest != record["sha256"]:
+        return (
+            f"its sha256 ({digest[:12]}...) is not the one recorded at conversion "
+            f"({str(record['sha256'])[:12]}...); the file was changed or damaged"
+        )
+    try:
+        write_record(weights, digest)
+    except OSError as exc:
+        log.debug("%s: cannot record its checksum (%s)", weights, exc)
+    return None
