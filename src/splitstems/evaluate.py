@@ -1,4 +1,4 @@
-"""Evaluation on MUSDB18-style data: museval's BSSEval v4 metrics, in torch.
+"""The MUSDB18 runner: tracks, their truth, separation, scores per track, a summary.
 
 - Datasets: MUSDB18 (``<root>/{train,test}/*.stem.mp4``, audio streams 0 mixture,
   1 drums, 2 bass, 3 other, 4 vocals) and MUSDB18-HQ (``<root>/{train,test}/<track>/``
@@ -6,17 +6,18 @@
 - Truth per model instrument: vocals, drums, bass and other are the stems; the 2-stem
   models' accompaniment is drums + bass + other (musdb's definition); piano (5 stems)
   has no truth in MUSDB and is not scored.
-- Metrics: :func:`bss_eval` computes what ``museval.evaluate`` computes (BSSEval v4,
-  "images" variant, time-invariant 512-tap distortion filters fitted on the whole track,
-  metrics per 1 s window): the filters with museval's own numpy/scipy arithmetic (their
-  linear system is singular on band-limited audio, so only the same operations give the
-  same SIR/ISR/SAR), the per-window projections and ratios batched in torch, float64
-  (agreement with museval: tests/test_evaluate.py). Tracks are scored like
-  ``museval.eval_mus_track``: vocals and accompaniment as their own 2-source problem,
-  drums/bass/other/vocals jointly.
+- Metrics: BSSEval v4 as museval computes it, from :mod:`splitstems.metrics` (tracks are
+  scored like ``museval.eval_mus_track``).
 - Output: one JSON per track in museval's layout (``<out>/<subset>/<track>.json``, readable
-  by ``museval.EvalStore.add_eval_dir``), and a summary: the median over frames per track,
-  then the median over tracks (the SiSEC 2018 protocol), per instrument and metric.
+  by ``museval.EvalStore.add_eval_dir``), a record of the run's settings and finished
+  tracks (``<out>/<subset>.settings.json``, for ``resume``), and a summary: the median
+  over frames per track, then the median over tracks (the SiSEC 2018 protocol), per
+  instrument and metric.
+- Scoring runs beside the separation of the next tracks: in threads for the fast
+  backend, in worker processes for museval's (pure Python and numpy: processes run in
+  parallel, and can be ended). Stopped early (Ctrl-C, an error), :func:`evaluate` cancels
+  the queued jobs and returns without waiting for the running ones: museval's workers are
+  terminated, the fast backend's threads stop at their next step.
 
 Needs scipy (``pip install 'splitstems[eval]'``, which also brings ``museval`` itself
 for ``backend="museval"``: museval computes everything, about 2x slower on 2 sources).
@@ -25,7 +26,6 @@ for ``backend="museval"``: museval computes everything, about 2x slower on 2 sou
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -43,30 +43,27 @@ import torch
 from splitstems import audio
 from splitstems.errors import OutputError, SplitstemsError
 from splitstems.files import atomic_write
+from splitstems.metrics import METRICS, TARGET_ORDER, check_backend, score_targets
 
 __all__ = [
     "SOURCES",
-    "METRICS",
+    "SAMPLE_RATE",
     "DatasetError",
     "Track",
     "find_tracks",
     "reference_for",
-    "bss_eval",
     "score_track",
     "Summary",
     "summarize",
+    "load_summary",
+    "check_resume",
     "evaluate",
 ]
 
 #: MUSDB's sources, in the order of the streams 1..4 of a ``.stem.mp4``.
 SOURCES = ("drums", "bass", "other", "vocals")
 _STREAMS = {"mixture": 0, "drums": 1, "bass": 2, "other": 3, "vocals": 4}
-#: Metrics, in the order of the summary table.
-METRICS = ("SDR", "SIR", "ISR", "SAR")
-#: musdb's order of targets (museval scores them in this order).
-_TARGET_ORDER = ("vocals", "drums", "bass", "other", "accompaniment")
-#: The museval release whose BSSEval v4 :func:`bss_eval` reproduces (written to the JSON).
-MUSEVAL_VERSION = "0.4.1"
+#: MUSDB's sample rate: tracks are decoded, separated and scored at it.
 SAMPLE_RATE = 44100
 #: Largest difference (seconds) tolerated between the stems' lengths, and between the
 #: mixture's decoded length and its header's (codec priming and padding are ~50 ms).
@@ -199,222 +196,6 @@ def reference_for(instrument: str, sources: dict[str, np.ndarray]) -> np.ndarray
     return None
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def _frames(n_samples: int, window: int, hop: int) -> list[slice]:
-    """Museval's ``Framing``: full windows every ``hop``; one window if it is too long."""
-    if window >= n_samples:
-        return [slice(0, n_samples)]
-    n_windows = (n_samples - window + hop) // hop
-    return [slice(t * hop, min(t * hop + window, n_samples)) for t in range(n_windows)]
-
-
-def _museval_filters(
-    ref: np.ndarray, est: np.ndarray, filters_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return the distortion filters, computed with museval's own operations.
-
-    ``ref``, ``est``: (J, N, C) float64. Returns the filters of each estimate on all
-    references (E, J, C_in, L, C_out) and on its own reference (J, C_in, L, C_out).
-
-    The Gram matrix of the delayed references is singular for band-limited audio (e.g.
-    AAC-coded MUSDB18: cond > 1e20). Its solution then depends on rounding, and so do
-    SIR, ISR and SAR; to give museval's numbers, this step repeats museval's arithmetic
-    operation for operation (scipy.fftpack FFTs, ``numpy.linalg.solve`` per estimate with
-    ``eps I``, ``lstsq`` where LAPACK finds the matrix exactly singular).
-    """
-    try:
-        from scipy import fftpack
-        from scipy.linalg import toeplitz
-    except ImportError:
-        raise SplitstemsError("the metrics need scipy: pip install 'splitstems[eval]'") from None
-
-    n_src, n_samples, n_ch = ref.shape
-    length = filters_len
-    n_fft = int(2 ** np.ceil(np.log2(n_samples + length - 1.0)))
-    padded = np.zeros((n_src, n_ch, n_samples + length - 1))
-    padded[..., :n_samples] = np.moveaxis(ref, 1, 2)
-    sf = fftpack.fft(padded, n=n_fft, axis=2)
-    gram = np.zeros((n_src, n_src, n_ch, n_ch, length, length))
-    pairs = itertools.product(range(n_src), range(n_ch))
-    for (i, c1), (j, c2) in itertools.combinations_with_replacement(pairs, 2):
-        ssf = np.real(fftpack.ifft(sf[j, c2] * np.conj(sf[i, c1])))
-        ss = toeplitz(np.hstack((ssf[0], ssf[-1:-length:-1])), r=ssf[:length])
-        gram[j, i, c2, c1] = ss
-        gram[i, j, c1, c2] = ss.T
-
-    def solve(g: np.ndarray, sf_: np.ndarray, estimate: np.ndarray) -> np.ndarray:
-        n = g.shape[0]
-        padded_est = np.zeros((n_ch, n_samples + length - 1))
-        padded_est[:, :n_samples] = estimate.T
-        sef = fftpack.fft(padded_est, n=n_fft)
-        cross = np.zeros((n, n_ch, length, n_ch))
-        for j, cj, c in itertools.product(range(n), range(n_ch), range(n_ch)):
-            ssef = np.real(fftpack.ifft(sf_[j, cj] * np.conj(sef[c])))
-            cross[j, cj, :, c] = np.hstack((ssef[0], ssef[-1:-length:-1]))
-        flat = np.moveaxis(g, (1, 3), (3, 4)).reshape(n * n_ch * length, -1)
-        rhs = cross.reshape(n * n_ch * length, n_ch)
-        eps = np.finfo(float).eps
-        try:
-            out = np.linalg.solve(flat + eps * np.eye(flat.shape[0]), rhs)
-        except np.linalg.LinAlgError:
-            out = np.linalg.lstsq(flat, rhs)[0]
-        return out.reshape(n, n_ch, length, n_ch)
-
-    filters = np.stack([solve(gram, sf, est[e]) for e in range(n_src)])
-    own = np.stack([solve(gram[j, j][None, None], sf[j][None], est[j])[0] for j in range(n_src)])
-    return filters, own
-
-
-def _silent(x: np.ndarray) -> bool:
-    """Museval's test of a whole ``(n, C)`` signal: its channel sum is zero everywhere."""
-    return not np.any(x.sum(axis=-1))
-
-
-def _any_silent(x: torch.Tensor) -> bool:
-    """Museval's test: some source (J, C, n) whose channel sum is zero at every sample."""
-    return bool((x.sum(dim=1) == 0).all(dim=-1).any())
-
-
-def _db(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``10 log10(num / den)``, +inf where ``den`` is 0 (museval's ``_safe_db``)."""
-    ratio = num / den
-    return torch.where(den == 0, torch.full_like(ratio, math.inf), 10 * torch.log10(ratio))
-
-
-@torch.inference_mode()
-def bss_eval(
-    references: np.ndarray | torch.Tensor,
-    estimates: np.ndarray | torch.Tensor,
-    *,
-    window: int = SAMPLE_RATE,
-    hop: int = SAMPLE_RATE,
-    filters_len: int = 512,
-    device: torch.device | str | None = None,
-    window_batch: int = 8,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """BSSEval v4 as ``museval.evaluate(references, estimates, win, hop)`` computes it.
-
-    Args:
-        references: ``(n_sources, n_samples, n_channels)``, the true sources.
-        estimates: the same shape; zero-padded or cut to the references' length
-            (museval's ``padding=True``).
-        window: metric window in samples (museval: 1 s).
-        hop: hop between windows in samples (museval: 1 s).
-        filters_len: taps of the distortion filters (museval: 512).
-        device: where to compute (float64; default CPU).
-        window_batch: windows projected at once (memory vs speed).
-
-    Returns:
-        ``(SDR, ISR, SIR, SAR)``, each ``(n_sources, n_windows)`` float64 in dB; NaN in
-        windows where a reference or estimate is silent, +inf where an error term is 0.
-
-    How: the projection filters solve, once per track, the least-squares fit of each
-    estimate by the delayed references (the Gram matrix of delays ``0..filters_len-1`` of
-    every reference channel, museval's ``G + eps I``), with museval's own arithmetic
-    (:func:`_museval_filters`); then, batched in torch, each window's references are
-    filtered (their own source's filters give the image, all sources' the image plus
-    interference) and the four energy ratios follow. SDR is the plain signal-to-error
-    ratio of the window.
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    ref = torch.as_tensor(np.asarray(references), dtype=torch.float64, device=dev)
-    est = torch.as_tensor(np.asarray(estimates), dtype=torch.float64, device=dev)
-    if ref.ndim != 3 or est.ndim != 3 or ref.shape[0] != est.shape[0]:
-        raise ValueError(
-            f"expected (sources, samples, channels) arrays, got {ref.shape}, {est.shape}"
-        )
-    n_src, n_samples, n_ch = ref.shape
-    if est.shape[1] >= n_samples:
-        est = est[:, :n_samples]
-    else:
-        est = torch.nn.functional.pad(est, (0, 0, 0, n_samples - est.shape[1]))
-    filters_np, own_np = _museval_filters(ref.cpu().numpy(), est.cpu().numpy(), filters_len)
-    length = filters_len
-    filters = torch.from_numpy(filters_np).to(dev)  # (E, J, C_in, L, C_out)
-    own = torch.from_numpy(own_np).to(dev)  # (J, C_in, L, C_out)
-    ref = ref.permute(0, 2, 1).contiguous()  # (J, C, N)
-    est = est.permute(0, 2, 1).contiguous()
-
-    frames = _frames(n_samples, window, hop)
-    results = torch.full((4, n_src, len(frames)), math.nan, dtype=torch.float64)
-    width = frames[0].stop - frames[0].start
-    n_fft = 1 << math.ceil(math.log2(width + length - 1))
-    filters_f = torch.fft.rfft(filters, n=n_fft, dim=3)  # (E, J, Cin, f, Cout)
-    own_f = torch.fft.rfft(own, n=n_fft, dim=2)  # (J, Cin, f, Cout)
-    for first in range(0, len(frames), window_batch):
-        group = frames[first : first + window_batch]  # all of one width
-        refs = torch.stack([ref[..., w] for w in group])  # (W, J, C, n)
-        ests = torch.stack([est[..., w] for w in group])
-        ref_f = torch.fft.rfft(refs, n=n_fft)  # (W, J, C, f)
-        full = torch.einsum("wjcf,ejcfd->wedf", ref_f, filters_f)
-        image = torch.einsum("wecf,ecfd->wedf", ref_f, own_f)
-        out = width + length - 1
-        full = torch.fft.irfft(full, n=n_fft)[..., :out]  # (W, E, C, n + L - 1)
-        image = torch.fft.irfft(image, n=n_fft)[..., :out]
-        pad = (0, length - 1)
-        s_true = torch.nn.functional.pad(refs, pad)
-        s_est = torch.nn.functional.pad(ests, pad)
-
-        def energy(x: torch.Tensor) -> torch.Tensor:
-            return (x * x).sum(dim=(-2, -1))  # (W, E)
-
-        true_energy = energy(s_true)
-        sdr = _db(true_energy, energy(s_est - s_true))
-        isr = _db(true_energy, energy(image - s_true))
-        sir = _db(energy(image), energy(full - image))
-        sar = _db(energy(full), energy(s_est - full))
-        for k in range(len(group)):
-            if _any_silent(refs[k]) or _any_silent(ests[k]):
-                continue
-            column = first + k
-            for m, values in enumerate((sdr, isr, sir, sar)):
-                results[m, :, column] = values[k].cpu()
-    out_np = results.numpy()
-    return out_np[0], out_np[1], out_np[2], out_np[3]
-
-
-def _museval_eval(
-    references: np.ndarray, estimates: np.ndarray, *, window: int, hop: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        import museval
-    except ImportError:
-        raise SplitstemsError(
-            "the museval backend needs museval: pip install 'splitstems[eval]'"
-        ) from None
-    sdr, isr, sir, sar = museval.evaluate(references, estimates, win=window, hop=hop)
-    return sdr, isr, sir, sar
-
-
-BACKENDS = ("fast", "museval")
-
-
-def check_backend(backend: str) -> None:
-    """Fail early when ``backend`` is unknown or its packages are not installed."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    try:
-        import scipy  # noqa: F401 - the fast backend's filters
-    except ImportError:
-        raise SplitstemsError("the metrics need scipy: pip install 'splitstems[eval]'") from None
-    if backend == "museval":
-        try:
-            import museval  # noqa: F401
-        except ImportError:
-            raise SplitstemsError(
-                "the museval backend needs museval: pip install 'splitstems[eval]'"
-            ) from None
-
-
-def _quantize(value: float) -> float:
-    """Museval's JSON values: 5 decimals, +-inf written as NaN."""
-    if not math.isfinite(value):
-        return math.nan
-    return round(float(value), 5)
-
-
 def score_track(
     estimates: dict[str, np.ndarray],
     sources: dict[str, np.ndarray],
@@ -424,66 +205,29 @@ def score_track(
     backend: str = "fast",
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Score one track's estimates like ``museval.eval_mus_track``; return its JSON dict.
+    """Score one MUSDB track's estimates like ``museval.eval_mus_track``; return its JSON dict.
 
-    ``estimates`` maps model instruments to ``(n_samples, 2)`` arrays; those without a
-    truth in MUSDB (piano) are skipped. Vocals and accompaniment form their own
-    2-source problem; vocals, drums, bass and other are scored jointly.
+    ``estimates`` maps model instruments to ``(n_samples, 2)`` arrays, ``sources`` holds
+    the track's four stems (:meth:`Track.load_all`); instruments without a truth in MUSDB
+    (piano) are skipped. See :func:`splitstems.metrics.score_targets`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    targets = [t for t in _TARGET_ORDER if t in estimates]
-    win, step = int(window * SAMPLE_RATE), int(hop * SAMPLE_RATE)
-    groups: list[tuple[list[str], list[str]]] = []  # (scored together, reported)
-    has_acc = "vocals" in targets and "accompaniment" in targets
-    rest = [t for t in targets if t != "accompaniment"] if has_acc else targets
-    if len(rest) >= 2:
-        groups.append((rest, [t for t in rest if not (has_acc and t == "vocals")]))
-    if has_acc:
-        groups.append((["vocals", "accompaniment"], ["vocals", "accompaniment"]))
-    scores: dict[str, Any] = {"targets": [], "museval_version": MUSEVAL_VERSION}
-    for names, reported in groups:
-        refs = np.stack([reference_for(t, sources) for t in names])  # type: ignore[misc]
-        ests = np.stack([_fit(estimates[t], refs.shape[1]) for t in names])
-        # museval refuses these (its validate()); both backends fail the track alike
-        for kind, signals in (("true", refs), ("estimated", ests)):
-            silent = [t for t, x in zip(names, signals, strict=True) if _silent(x)]
-            if silent:
-                stems = "stem is" if len(silent) == 1 else "stems are"
-                raise ValueError(
-                    f"the {kind} {', '.join(silent)} {stems} silent throughout (channels "
-                    "summing to zero): BSSEval cannot score it"
-                )
-        if backend == "museval":
-            values = _museval_eval(refs, ests, window=win, hop=step)
-        else:
-            values = bss_eval(refs, ests, window=win, hop=step, device=device)
-        sdr, isr, sir, sar = values
-        for i, name in enumerate(names):
-            if name not in reported:
-                continue
-            frames = [
-                {
-                    "time": t * hop,
-                    "duration": window,
-                    "metrics": {
-                        "SDR": _quantize(sdr[i][t]),
-                        "SIR": _quantize(sir[i][t]),
-                        "SAR": _quantize(sar[i][t]),
-                        "ISR": _quantize(isr[i][t]),
-                    },
-                }
-                for t in range(len(sdr[i]))
-            ]
-            scores["targets"].append({"name": name, "frames": frames})
-    return scores
+    return score_targets(
+        estimates,
+        _references(estimates, sources),
+        sample_rate=SAMPLE_RATE,
+        window=window,
+        hop=hop,
+        backend=backend,
+        device=device,
+    )
 
 
-def _fit(x: np.ndarray, n: int) -> np.ndarray:
-    """Cut or zero-pad ``(samples, channels)`` to ``n`` samples (museval's padding)."""
-    if x.shape[0] >= n:
-        return x[:n]
-    return np.pad(x, ((0, n - x.shape[0]), (0, 0)))
+def _references(
+    estimates: dict[str, np.ndarray], sources: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Return the truth of each estimated instrument that has one."""
+    found = {k: reference_for(k, sources) for k in estimates}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- summary
@@ -553,7 +297,7 @@ def summarize(track_scores: dict[str, dict[str, Any]]) -> Summary:
     names: list[str] = []
     for per_target in summary.tracks.values():
         names += [t for t in per_target if t not in names]
-    order = {t: i for i, t in enumerate(_TARGET_ORDER)}
+    order = {t: i for i, t in enumerate(TARGET_ORDER)}
     for target in sorted(names, key=lambda t: order.get(t, len(order))):
         summary.scores[target] = {
             metric: _nanmedian([v[target][metric] for v in summary.tracks.values() if target in v])
@@ -769,7 +513,8 @@ def evaluate(
             (None: write nothing).
         subset: "test" or "train".
         tracks: only these track names.
-        backend: "fast" (:func:`bss_eval`) or "museval" (museval itself, slower).
+        backend: "fast" (:func:`splitstems.metrics.bss_eval`) or "museval" (museval
+            itself, slower).
         jobs: tracks scored at the same time, in threads, while the next tracks are
             decoded and separated (torch and the decoders release the GIL).
         device: where the torch metrics are computed (default: CPU, float64).
