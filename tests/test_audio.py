@@ -304,20 +304,21 @@ def test_text_file_is_not_audio(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_truncated_mp3_decodes_a_little_or_fails_cleanly(tmp_path: Path, shared_dir: Path) -> None:
+def test_truncated_mp3_is_an_error_but_its_start_still_decodes(
+    tmp_path: Path, shared_dir: Path
+) -> None:
     mp3 = _require(shared_dir / "audio" / "examples" / "audio_example.mp3")
     (tmp_path / "trunc.mp3").write_bytes(mp3.read_bytes()[:1000])
-    try:
-        y = load(tmp_path / "trunc.mp3")
-    except AudioError as exc:
-        assert "trunc.mp3" in str(exc)
-    else:
-        assert y.shape[1] == 2 and 0 < len(y) < SR
-    # cut mid-stream: what is there decodes, identical to the start of the whole file
+    with pytest.raises(AudioError, match=r"trunc\.mp3: truncated"):  # even the header
+        load(tmp_path / "trunc.mp3")
+    # cut mid-stream: reading the whole file fails, what is there decodes as the original
     (tmp_path / "half.mp3").write_bytes(mp3.read_bytes()[:20000])
-    part = load(tmp_path / "half.mp3")
-    assert SR // 2 < len(part) < 2 * SR
-    np.testing.assert_array_equal(part[: SR // 2], load(mp3, duration=0.5))
+    with pytest.raises(
+        AudioError, match=r"half\.mp3: truncated: decodes to 0\.785 s of the 10\.881 s"
+    ):
+        load(tmp_path / "half.mp3")
+    part = load(tmp_path / "half.mp3", duration=0.7)
+    np.testing.assert_array_equal(part, load(mp3, duration=0.7))
 
 
 def test_zero_length_wav(tmp_path: Path) -> None:
@@ -396,3 +397,286 @@ def test_writer_writes_in_chunks_like_save(tmp_path: Path) -> None:
             writer.write(x[begin : begin + 1000])
         assert not (tmp_path / "a.wav").exists()  # committed only on close
     np.testing.assert_array_equal(load(tmp_path / "a.wav"), x)
+
+
+# --------------------------------------------------------------------------- damaged input
+
+
+def _encode(
+    path: Path,
+    x: np.ndarray,
+    *,
+    muxer: str,
+    encoder: str,
+    rate: int = SR,
+    bit_rate: int | None = None,
+    vbr_quality: int | None = None,
+    options: dict[str, str] | None = None,
+) -> Path:
+    """Encode ``x`` with PyAV directly (settings our writer does not offer)."""
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+
+    with av.open(str(path), "w", format=muxer, options=options or {}) as container:
+        out = container.add_stream(encoder, rate=rate)
+        ctx = out.codec_context
+        ctx.layout = "stereo"
+        formats = [f.name for f in ctx.codec.audio_formats]
+        ctx.format = next(f for f in ("fltp", "flt", "s16") if f in formats)
+        if bit_rate is not None:
+            ctx.bit_rate = bit_rate
+        if vbr_quality is not None:  # as ffmpeg -q:a
+            ctx.qscale = True
+            ctx.global_quality = vbr_quality * 118
+        size = ctx.frame_size or 4096
+        for n, begin in enumerate(range(0, len(x), size)):
+            data = x[begin : begin + size]
+            if ctx.format.name == "s16":
+                data = np.rint(data * 32767).astype(np.int16)
+            planar = ctx.format.name.endswith("p")
+            array = np.ascontiguousarray(data.T if planar else data.reshape(1, -1))
+            frame = av.AudioFrame.from_ndarray(array, format=ctx.format.name, layout="stereo")
+            frame.sample_rate, frame.time_base, frame.pts = rate, Fraction(1, rate), n * size
+            container.mux(out.encode(frame))
+        container.mux(out.encode(None))
+    return path
+
+
+def _all_codecs(folder: Path, seconds: float) -> dict[str, Path]:
+    """The same music in every container and codec we read, complete."""
+    x = _tone(round(seconds * SR))
+    files = {}
+    for suffix in ("wav", "flac", "mp3", "ogg", "m4a", "wma"):
+        files[suffix] = folder / f"a.{suffix}"
+        save(files[suffix], x, sample_rate=SR)
+    files["wav 24"] = folder / "a24.wav"
+    save(files["wav 24"], x, sample_rate=SR, bit_depth=24)
+    files["wav 32f"] = folder / "a32.wav"
+    save(files["wav 32f"], x, sample_rate=SR, bit_depth="32f")
+    files["flac 24"] = folder / "a24.flac"
+    save(files["flac 24"], x, sample_rate=SR, bit_depth=24)
+    files["aiff"] = _encode(folder / "a.aiff", x, muxer="aiff", encoder="pcm_s16be")
+    files["m4a faststart"] = _encode(
+        folder / "fast.m4a", x, muxer="ipod", encoder="aac", options={"movflags": "+faststart"}
+    )
+    files["mp3 cbr 320k"] = _encode(
+        folder / "cbr.mp3", x, muxer="mp3", encoder="libmp3lame", bit_rate=320_000
+    )
+    files["mp3 vbr"] = _encode(
+        folder / "vbr.mp3", x, muxer="mp3", encoder="libmp3lame", vbr_quality=4
+    )
+    no_xing = {"write_xing": "0"}
+    files["mp3 cbr without xing"] = _encode(
+        folder / "cbr_nox.mp3", x, muxer="mp3", encoder="libmp3lame", options=no_xing
+    )
+    files["mp3 vbr without xing"] = _encode(
+        folder / "vbr_nox.mp3", x, muxer="mp3", encoder="libmp3lame", vbr_quality=2, options=no_xing
+    )
+    return files
+
+
+@pytest.fixture(scope="module")
+def codec_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """6.8 s of a tone in every codec and container we read (made once)."""
+    return _all_codecs(tmp_path_factory.mktemp("codecs"), 6.8)
+
+
+def test_complete_files_are_never_called_truncated(
+    codec_files: dict[str, Path], shared_dir: Path
+) -> None:
+    # An MP3 without a Xing header has an estimated duration (from the bitrate) that can
+    # differ from what it decodes to in both directions: it must not count as truncated.
+    for name, path in codec_files.items():
+        assert abs(len(load(path)) / SR - 6.8) < 0.1, name
+    real = [shared_dir / "audio" / "examples" / "audio_example.mp3"]
+    real += sorted((shared_dir / "audio" / "reference" / "inputs").glob("*.wav"))
+    for path in real:
+        assert len(load(_require(path))) > SR
+    for path in sorted((shared_dir / "audio" / "musdb7" / "test").glob("*.stem.mp4"))[:3]:
+        for index in range(5):
+            assert len(load(path, stream=index)) > SR
+
+
+@pytest.mark.parametrize(
+    ("codec", "cut", "decoded"),
+    [
+        ("wav", 3000, "0.017"),
+        ("wav", 0.5, "3.400"),
+        ("wav 32f", 0.5, "3.400"),
+        ("wav 24", 0.5, "3.400"),
+        ("flac", 0.5, r"3\.\d+"),
+        ("mp3", 0.5, r"3\.\d+"),
+        ("mp3 vbr", 0.5, r"3\.\d+"),
+        ("aiff", 0.5, "3.400"),
+        ("m4a faststart", 0.5, r"3\.\d+"),
+    ],
+)
+def test_a_truncated_file_is_an_error_naming_both_lengths(
+    tmp_path: Path, codec_files: dict[str, Path], codec: str, cut: float, decoded: str
+) -> None:
+    path = codec_files[codec]
+    data = path.read_bytes()
+    damaged = tmp_path / f"cut{path.suffix}"
+    damaged.write_bytes(data[: cut if cut > 1 else int(len(data) * cut)])
+    message = rf"^{damaged}: truncated: decodes to {decoded} s of the 6\.800 s its header gives$"
+    with pytest.raises(AudioError, match=message):
+        load(damaged)
+    with pytest.raises(AudioError, match=message):  # at the end of the stream
+        for _ in stream(damaged, chunk_samples=SR):
+            pass
+    with pytest.raises(AudioError, match=message):  # a duration past the decoded end
+        load(damaged, duration=60)
+    assert len(load(damaged, duration=0.01)) == 441  # what is there is fine
+
+
+def test_a_damaged_stem_mp4_is_truncated_in_every_stream(tmp_path: Path, shared_dir: Path) -> None:
+    track = _require(shared_dir / "audio" / "musdb7" / "test" / "BKS - Too Much.stem.mp4")
+    data = track.read_bytes()
+    (tmp_path / "cut.stem.mp4").write_bytes(data[: len(data) // 3])
+    for index in range(5):
+        with pytest.raises(AudioError, match=r"cut\.stem\.mp4: truncated: .* of the 6\.800 s"):
+            load(tmp_path / "cut.stem.mp4", stream=index)
+
+
+def test_files_cut_in_their_header_are_truncated_or_corrupt(
+    tmp_path: Path, codec_files: dict[str, Path]
+) -> None:
+    for codec in ("flac", "ogg", "m4a"):
+        damaged = tmp_path / f"head.{codec}"
+        damaged.write_bytes(codec_files[codec].read_bytes()[:3000])
+        with pytest.raises(AudioError, match=rf"head\.{codec}: truncated or corrupt audio file"):
+            load(damaged)
+
+
+def _write_float_wav(path: Path, x: np.ndarray) -> None:
+    save(path, x, sample_rate=SR, bit_depth="32f")
+
+
+def test_non_finite_samples_become_zero_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = _tone(6 * SR)
+    damaged = x.copy()
+    damaged[3 * SR, 0] = np.nan
+    damaged[3 * SR + 10, 1] = np.inf
+    damaged[5 * SR] = -np.inf
+    _write_float_wav(tmp_path / "nan.wav", damaged)
+    clean = damaged.copy()
+    clean[~np.isfinite(clean)] = 0
+    warning = f"{tmp_path / 'nan.wav'}: 4 non-finite samples replaced by 0 (first at 3.000 s)"
+    with caplog.at_level("WARNING", logger="splitstems.audio"):
+        y = load(tmp_path / "nan.wav")
+    np.testing.assert_array_equal(y, clean)
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="splitstems.audio"):
+        chunks = list(stream(tmp_path / "nan.wav", chunk_samples=SR // 3))
+    np.testing.assert_array_equal(np.concatenate(chunks), clean)
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    _write_float_wav(tmp_path / "zeros.wav", clean)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="splitstems.audio"):
+        resampled = load(tmp_path / "nan.wav", sample_rate=22050, warn=False)
+        from_offset = load(tmp_path / "nan.wav", offset=4.0)
+    np.testing.assert_array_equal(resampled, load(tmp_path / "zeros.wav", sample_rate=22050))
+    np.testing.assert_array_equal(from_offset, clean[4 * SR :])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'nan.wav'}: 2 non-finite samples replaced by 0 (first at 5.000 s)"
+    ]
+
+
+def test_non_finite_cleaning_copies_only_when_needed() -> None:
+    x = _tone(1000)
+    guard = audio.NonFinite("waveform", SR)
+    assert guard.clean(x) is x and guard.message() is None
+    y = x.copy()
+    y[500, 1] = np.nan
+    cleaned = guard.clean(y, start=SR)
+    assert np.isnan(y[500, 1]) and cleaned[500, 1] == 0  # the input is left alone
+    np.testing.assert_array_equal(np.delete(cleaned, 500, 0), np.delete(x, 500, 0))
+    huge = np.full((10, 2), 1e30, np.float32)  # finite: its sum of squares overflows
+    assert guard.clean(huge) is huge
+    assert guard.message() == "waveform: 1 non-finite sample replaced by 0 (first at 1.011 s)"
+
+
+# --------------------------------------------------------------------------- encoder limits
+
+
+@pytest.mark.parametrize(
+    ("codec", "bitrate", "allowed"),
+    [
+        ("mp3", "500k", "32k-320k"),
+        ("mp3", "16k", "32k-320k"),
+        ("m4a", "448k", "24k-384k"),
+        ("ogg", "600k", "8k-512k"),
+        ("wma", "16k", "24k-512k"),
+    ],
+)
+def test_a_bitrate_the_encoder_cannot_do_is_refused(
+    tmp_path: Path, codec: str, bitrate: str, allowed: str
+) -> None:
+    message = rf"codec {codec}: bitrate {bitrate} is outside what \w+ can do \({allowed} at"
+    with pytest.raises(OutputError, match=message):
+        audio.check_encoding(codec, bitrate=bitrate)
+    with pytest.raises(AudioError, match=rf"x\.{codec}: bitrate {bitrate} is outside"):
+        save(tmp_path / f"x.{codec}", _tone(100), sample_rate=SR, bitrate=bitrate)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bitrates_at_the_limits_are_honoured(tmp_path: Path) -> None:
+    x = _tone(5 * SR)
+    sizes = {}
+    for bitrate in ("32k", "320k"):
+        assert audio.check_encoding("mp3", bitrate=bitrate) == []
+        save(tmp_path / f"{bitrate}.mp3", x, sample_rate=SR, bitrate=bitrate)
+        sizes[bitrate] = (tmp_path / f"{bitrate}.mp3").stat().st_size * 8 / 5
+    assert sizes == {
+        "32k": pytest.approx(32_000, rel=0.05),
+        "320k": pytest.approx(320_000, rel=0.05),
+    }
+    for codec, bitrate in (("m4a", "384k"), ("ogg", "512k"), ("wma", "24k")):
+        assert audio.check_encoding(codec, bitrate=bitrate) == []
+
+
+def test_settings_a_codec_ignores_are_warnings() -> None:
+    assert audio.check_encoding("wav") == []
+    assert audio.check_encoding("flac", bit_depth=24) == []
+    assert audio.check_encoding("wav", bitrate="320k") == [
+        "codec wav: lossless, the bitrate 320k is ignored"
+    ]
+    assert audio.check_encoding("flac", bitrate="96k", bit_depth=16) == [
+        "codec flac: lossless, the bitrate 96k is ignored"
+    ]
+    assert audio.check_encoding("mp3", bit_depth=24) == [
+        "codec mp3: lossy, the bit depth 24 is ignored"
+    ]
+    with pytest.raises(OutputError, match="codec wav: bitrate must look like"):
+        audio.check_encoding("wav", bitrate="loud")
+
+
+# --------------------------------------------------------------------------- stale temp files
+
+
+def test_a_writer_removes_the_temp_files_a_killed_run_left(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from splitstems.files import temp_path
+
+    target = tmp_path / "vocals.wav"
+    dead = subprocess.run(  # a process that made a temp file and is gone
+        [sys.executable, "-c", "import os, sys; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f".vocals.{int(dead.stdout)}-0123abcd.part.wav"
+    stale.write_bytes(b"RIFF half a stem")
+    mine = temp_path(target)  # this process is alive: its temp file stays
+    mine.write_bytes(b"being written")
+    other = tmp_path / ".drums.999999-0123abcd.part.wav"  # another target's: not ours to judge
+    other.write_bytes(b"x")
+    save(target, _tone(100), sample_rate=SR)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [mine.name, other.name, "vocals.wav"]
+    )

@@ -25,22 +25,33 @@ from __future__ import annotations
 import logging
 import math
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import av
 import numpy as np
 import soxr
 
 from splitstems.errors import AudioError, OutputError
+from splitstems.files import remove_stale_temps, temp_path
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["CODECS", "AudioInfo", "AudioWriter", "load", "probe", "save", "stream"]
+__all__ = [
+    "CODECS",
+    "LENGTH_TOLERANCE",
+    "AudioInfo",
+    "AudioWriter",
+    "NonFinite",
+    "load",
+    "probe",
+    "save",
+    "stream",
+]
 
 #: Output codecs :func:`save` and :class:`AudioWriter` know (also the file suffixes).
 CODECS = ("wav", "flac", "mp3", "ogg", "m4a", "wma")
@@ -130,7 +141,7 @@ def _looks_like_audio(name: str) -> bool:
 def _open_input(name: str) -> av.container.InputContainer:
     try:
         return av.open(name, mode="r", metadata_errors="ignore")
-    except av.error.InvalidDataError as exc:
+    except (av.error.InvalidDataError, av.error.EOFError) as exc:  # EOF: cut in the header
         if _looks_like_audio(name):
             raise AudioError(f"{name}: truncated or corrupt audio file ({_reason(exc)})") from exc
         raise AudioError(f"{name}: not an audio file ({_reason(exc)})") from exc
@@ -266,14 +277,198 @@ def to_channels(name: str, data: np.ndarray, n_channels: int) -> np.ndarray:
     raise AudioError(f"{name}: cannot make {n_channels} channels from {have}")
 
 
+# --------------------------------------------------------------------------- damage
+
+#: Largest shortfall (seconds) of a decoded stream against the exact length its
+#: container gives before the file counts as truncated (codec priming and padding
+#: are ~50 ms).
+LENGTH_TOLERANCE = 0.1
+_FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})
+
+
+def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _skip_id3(f: BinaryIO) -> int:
+    """Offset of the first byte after a leading ID3v2 tag (0 without one)."""
+    head = _read_at(f, 0, 10)
+    if len(head) < 10 or not head.startswith(b"ID3"):
+        return 0
+    size = 0
+    for byte in head[6:10]:  # syncsafe: 7 bits per byte
+        size = size << 7 | (byte & 0x7F)
+    return 10 + size + (10 if head[5] & 0x10 else 0)
+
+
+def _wav_samples(f: BinaryIO) -> int | None:
+    """Sample frames a PCM WAV's ``data`` chunk announces (RIFF or RF64)."""
+    head = _read_at(f, 0, 12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        return None
+    rf64 = head[:4] == b"RF64"
+    block_align = 0
+    big_size: int | None = None
+    offset = 12
+    for _ in range(1000):
+        chunk = _read_at(f, offset, 8)
+        if len(chunk) < 8:
+            return None
+        kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+        if kind == b"ds64":
+            body = _read_at(f, offset + 8, 16)
+            big_size = int.from_bytes(body[8:16], "little") if len(body) == 16 else None
+        elif kind == b"fmt ":
+            body = _read_at(f, offset + 8, 16)
+            block_align = int.from_bytes(body[12:14], "little") if len(body) == 16 else 0
+        elif kind == b"data":
+            if rf64 and size == 0xFFFFFFFF:
+                size = big_size or 0
+            elif size == 0xFFFFFFFF:  # written by a stream that never came back to it
+                size = 0
+            return size // block_align if size and block_align else None
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def _flac_samples(f: BinaryIO) -> int | None:
+    """Total samples of a FLAC's STREAMINFO (``None`` where it says "unknown": 0)."""
+    start = _skip_id3(f)
+    head = _read_at(f, start, 8 + 34)
+    if len(head) < 42 or head[:4] != b"fLaC" or head[4] & 0x7F != 0:
+        return None
+    total = int.from_bytes(head[8 + 13 : 8 + 18], "big") & (2**36 - 1)
+    return total or None
+
+
+def _mp3_counts_frames(f: BinaryIO) -> bool:
+    """Whether the first MPEG audio frame is a Xing/Info (with a frame count) or VBRI one.
+
+    Only then is FFmpeg's duration of an MP3 exact; otherwise it is estimated from the
+    bitrate and the file size (and may differ from the decoded length either way).
+    """
+    start = _skip_id3(f)
+    data = _read_at(f, start, 1 << 16)
+    for i in range(len(data) - 3):
+        if data[i] != 0xFF or data[i + 1] & 0xE0 != 0xE0:
+            continue
+        version, layer = data[i + 1] >> 3 & 3, data[i + 1] >> 1 & 3
+        bitrate, rate = data[i + 2] >> 4, data[i + 2] >> 2 & 3
+        if version == 1 or layer != 1 or bitrate in (0, 15) or rate == 3:
+            continue  # not a valid MPEG layer III header: keep looking
+        mono = data[i + 3] >> 6 == 3
+        side = (17 if mono else 32) if version == 3 else (9 if mono else 17)
+        tag = data[i + 4 + side : i + 12 + side]
+        if tag[:4] in (b"Xing", b"Info"):
+            return len(tag) == 8 and bool(tag[7] & 1)  # flag: the frame count is there
+        return data[i + 36 : i + 40] == b"VBRI"
+    return False
+
+
+def _exact_samples(
+    name: str, container: av.container.InputContainer, stream: av.audio.stream.AudioStream
+) -> int | None:
+    """Sample frames the container says ``stream`` has, where that figure is exact.
+
+    Exact: WAV (the ``data`` chunk of PCM, read here: FFmpeg replaces it by the file
+    size when the file is shorter), AIFF (COMM), FLAC (STREAMINFO), MP4/M4A (the
+    track's duration), MP3 with a Xing/Info/VBRI frame count and Ogg (the last page's
+    granule). Anything else (an MP3 without one: estimated from the bitrate; ASF,
+    Matroska, raw AAC...) gives ``None``: unknown.
+    """
+    kinds = set(container.format.name.split(","))
+    ctx = stream.codec_context
+    try:
+        with open(name, "rb") as f:
+            if "wav" in kinds:
+                return _wav_samples(f) if ctx.name.startswith("pcm_") else None
+            if "flac" in kinds:
+                return _flac_samples(f)
+            if "mp3" in kinds and not _mp3_counts_frames(f):
+                return None
+    except OSError:
+        return None
+    if not kinds & {"aiff", "mp3", "mp4", "ogg"}:
+        return None
+    if not stream.duration or not stream.time_base or stream.duration < 0:
+        return None
+    return round(stream.duration * stream.time_base * ctx.sample_rate)
+
+
+class NonFinite:
+    """Replace NaN and ±inf by 0 in the successive pieces of one audio, counting them.
+
+    :meth:`clean` costs one dot product per piece when everything is finite (the
+    piece itself is returned, never copied); otherwise it returns a copy with zeros
+    in place of the non-finite samples. :meth:`report` then logs one warning for the
+    whole audio, e.g. ``"song.wav: 3 non-finite samples replaced by 0 (first at
+    30.000 s)"``.
+
+    Args:
+        name: names the audio in the message (a file, or ``"waveform"``).
+        sample_rate: samples per second, for the position in the message.
+    """
+
+    def __init__(self, name: str, sample_rate: int) -> None:
+        self.name = name
+        self.sample_rate = sample_rate
+        self.count = 0
+        self.first: int | None = None
+
+    def clean(self, data: np.ndarray, start: int = 0) -> np.ndarray:
+        """Return ``data`` (``(n_samples, ...)`` floats) with NaN and ±inf set to 0.
+
+        ``start`` is the position of ``data[0]`` in the whole audio, in samples.
+        """
+        flat = data.ravel(order="K")  # a view of any contiguous array
+        with np.errstate(all="ignore"):
+            if not flat.size or math.isfinite(float(np.dot(flat, flat))):
+                return data
+        bad = ~np.isfinite(data)
+        n_bad = int(np.count_nonzero(bad))
+        if not n_bad:  # finite, but so large that the sum of squares overflowed
+            return data
+        if self.first is None:
+            row = int(np.flatnonzero(bad.reshape(len(data), -1).any(axis=1))[0])
+            self.first = start + row
+        self.count += n_bad
+        out = data.copy()
+        out[bad] = 0
+        return out
+
+    def message(self) -> str | None:
+        """Return the warning for what :meth:`clean` replaced so far (``None``: nothing)."""
+        if not self.count or self.first is None:
+            return None
+        plural = "s" if self.count != 1 else ""
+        return (
+            f"{self.name}: {self.count} non-finite sample{plural} replaced by 0 "
+            f"(first at {self.first / self.sample_rate:.3f} s)"
+        )
+
+    def report(self) -> None:
+        """Log :meth:`message` as a warning, if there is one."""
+        message = self.message()
+        if message is not None:
+            _log.warning("%s", message)
+
+
 class _Source:
     """Samples ``[start, start + count)`` of one audio stream at its own rate."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, index: int, offset: float, duration: float | None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        index: int,
+        offset: float,
+        duration: float | None,
+        warn: bool = True,
     ) -> None:
         self.name, self.container, self.audio = _open_stream(path, index)
         self.index = index
+        self.warn = warn
         self.rate = int(self.audio.codec_context.sample_rate)
         self.offset = offset
         self.start = round(offset * self.rate)
@@ -326,8 +521,9 @@ class _Source:
 
     def _chunks(self, n_channels: int) -> Iterator[np.ndarray]:
         have = self.audio.codec_context.channels
-        if have > n_channels > 1:  # as Spleeter: the first channels, not a downmix
+        if have > n_channels > 1 and self.warn:  # as Spleeter: the first channels
             _log.warning("%s: keeping the first %d of its %d channels", self.name, n_channels, have)
+        non_finite = NonFinite(self.name, self.rate)
         log = _DecodeLog()
         sought = self._seek(log)
         if sought is None:
@@ -344,8 +540,12 @@ class _Source:
             lo = max(self.start - begin, 0)
             hi = len(data) if self.stop is None else min(self.stop - begin, len(data))
             if hi > lo:
-                yield to_channels(self.name, data[lo:hi], n_channels)
+                piece = data[lo:hi]
+                if frame.format.name in _FLOAT_FORMATS:  # integer PCM is always finite
+                    piece = non_finite.clean(piece, begin + lo)
+                yield to_channels(self.name, piece, n_channels)
             if self.stop is not None and position >= self.stop:
+                self._done(non_finite)
                 return
         if decoded == 0:  # only possible without a seek
             if log.error is not None:
@@ -356,6 +556,21 @@ class _Source:
                 f"{self.name}: offset {self.offset:g} s is beyond the end of the audio "
                 f"({position / self.rate:.3f} s)"
             )
+        self._check_complete(position)
+        self._done(non_finite)
+
+    def _check_complete(self, decoded: int) -> None:
+        """Raise if the stream ended (after ``decoded`` samples) well before its container says."""
+        expected = _exact_samples(self.name, self.container, self.audio)
+        if expected is not None and decoded < expected - LENGTH_TOLERANCE * self.rate:
+            raise AudioError(
+                f"{self.name}: truncated: decodes to {decoded / self.rate:.3f} s "
+                f"of the {expected / self.rate:.3f} s its header gives"
+            )
+
+    def _done(self, non_finite: NonFinite) -> None:
+        if self.warn:
+            non_finite.report()
 
 
 def _chain_one(first: av.AudioFrame, rest: Iterator[av.AudioFrame]) -> Iterator[av.AudioFrame]:
@@ -402,10 +617,11 @@ def _pipeline(
     sample_rate: int,
     n_channels: int,
     stream: int,
+    warn: bool,
 ) -> Iterator[np.ndarray]:
     """Open eagerly (errors now), then lazily yield output-rate arrays of any length."""
     _check_read_args(offset, duration, sample_rate, n_channels)
-    source = _Source(path, index=stream, offset=offset, duration=duration)
+    source = _Source(path, index=stream, offset=offset, duration=duration, warn=warn)
     return _resampled(source.chunks(n_channels), source.rate, int(sample_rate), n_channels)
 
 
@@ -417,6 +633,7 @@ def load(
     sample_rate: int = 44100,
     n_channels: int = 2,
     stream: int = 0,
+    warn: bool = True,
 ) -> np.ndarray:
     """Decode an audio file to a float32 waveform of shape ``(n_samples, n_channels)``.
 
@@ -428,10 +645,18 @@ def load(
         sample_rate: Output rate; other rates are resampled with soxr.
         n_channels: Output channels (see the module docstring for the mapping).
         stream: Which audio stream (0-based among the audio streams only).
+        warn: Log the warnings about this file (channels dropped, non-finite
+            samples replaced); ``False`` for a second pass over the same file.
+
+    NaN and ±inf samples (float files, or a decoder's output) become 0, with one
+    warning for the file (see :class:`NonFinite`).
 
     Raises:
         AudioError: Missing, empty or non-audio file, no such stream, nothing
-            decodable, zero-length audio, or ``offset`` past the end.
+            decodable, zero-length audio, ``offset`` past the end, or a truncated
+            file: reading to its end gives more than :data:`LENGTH_TOLERANCE` less
+            than the exact length its container gives (WAV, AIFF, FLAC, MP4, Ogg, and
+            MP3 with a Xing/Info/VBRI header; other durations are estimates).
         ValueError: Invalid arguments.
 
     """
@@ -443,6 +668,7 @@ def load(
             sample_rate=sample_rate,
             n_channels=n_channels,
             stream=stream,
+            warn=warn,
         )
     )
     if not chunks:
@@ -459,13 +685,15 @@ def stream(
     sample_rate: int = 44100,
     n_channels: int = 2,
     stream: int = 0,
+    warn: bool = True,
 ) -> Iterator[np.ndarray]:
     """Decode like :func:`load`, yielding ``(chunk_samples, n_channels)`` float32 arrays.
 
     Every chunk has exactly ``chunk_samples`` frames except a shorter last one; their
     concatenation equals :func:`load` with the same arguments. Memory stays bounded by
     the chunk size, so hour-long files are fine. The file is opened (and errors such as
-    a missing file are raised) by this call; decoding errors surface while iterating.
+    a missing file are raised) by this call; decoding errors (and truncation, found at
+    the end of the file) surface while iterating.
     """
     if int(chunk_samples) != chunk_samples or chunk_samples < 1:
         raise ValueError(f"chunk_samples must be a positive integer, not {chunk_samples!r}")
@@ -476,6 +704,7 @@ def stream(
         sample_rate=sample_rate,
         n_channels=n_channels,
         stream=stream,
+        warn=warn,
     )
     return _rechunk(arrays, int(chunk_samples), n_channels)
 
@@ -605,25 +834,114 @@ def _target(name: str, codec: str | None, bit_depth: int | str, rate: int) -> _T
     raise AudioError(f"{name}: no {key} encoder in this PyAV build (tried {', '.join(candidates)})")
 
 
-#: Bitrates the lossy encoders accept (bits per second).
+#: Bitrates (bits per second) any lossy codec is asked for; each encoder narrows it
+#: (see :func:`bitrate_range`).
 BITRATE_RANGE = (8_000, 512_000)
 
 
-def check_encoding(codec: str, *, bitrate: int | str = "128k", bit_depth: int | str = 16) -> None:
-    """Raise :class:`OutputError` if stems cannot be written with these settings.
+def bitrate_range(
+    encoder: str, *, sample_rate: int = 44100, n_channels: int = 2
+) -> tuple[int, int]:
+    """Return the ``(lowest, highest)`` bitrate ``encoder`` really gives, in bits per second.
 
-    Lets a caller refuse a bad codec, bit depth or bitrate once, before any work.
+    Measured with FFmpeg's encoders (file size against the bitrate asked for, on music
+    and on noise). Outside these ranges an encoder either refuses (libopus above
+    256k per channel, wmav2 below 24k) or, worse, silently gives something else:
+    LAME (MPEG-1 layer III at 32-48 kHz) never goes above 320k or below 32k, and
+    FFmpeg's AAC encoder stops following the request above about 192k per channel
+    (448k and 512k give the same ~420k stereo file) and spends more than asked below
+    16k mono / 24k stereo. Other encoders get :data:`BITRATE_RANGE`.
     """
+    low, high = BITRATE_RANGE
+    if encoder == "libmp3lame":
+        if sample_rate >= 32000:  # MPEG-1
+            low, high = 32_000, 320_000
+        elif sample_rate >= 16000:  # MPEG-2
+            high = 160_000
+        else:  # MPEG-2.5
+            high = 64_000
+    elif encoder == "aac":
+        low, high = 8_000 * (n_channels + 1), 192_000 * n_channels
+    elif encoder == "libopus":
+        high = 256_000 * n_channels
+    elif encoder == "wmav2":
+        low = 24_000
+    return max(low, BITRATE_RANGE[0]), min(high, BITRATE_RANGE[1])
+
+
+def _check_bitrate(target: _Target, bitrate: int | str, rate: int, n_channels: int) -> int:
+    """Return ``bitrate`` in bits per second; ``ValueError`` where the encoder cannot do it."""
+    value = _parse_bitrate(bitrate)
+    low, high = bitrate_range(target.encoder, sample_rate=rate, n_channels=n_channels)
+    if not low <= value <= high:
+        raise ValueError(
+            f"bitrate {bitrate} is outside what {target.encoder} can do "
+            f"({_kbps(low)}-{_kbps(high)} at {rate} Hz, {_channels(n_channels)})"
+        )
+    return value
+
+
+def _kbps(value: int) -> str:
+    return f"{value / 1000:g}k"
+
+
+def _channels(n: int) -> str:
+    return f"{n} channel{'s' if n != 1 else ''}"
+
+
+def check_encoding(
+    codec: str,
+    *,
+    bitrate: int | str | None = None,
+    bit_depth: int | str | None = None,
+    sample_rate: int = 44100,
+    n_channels: int = 2,
+) -> list[str]:
+    """Check that stems can be written with these settings, once, before any work.
+
+    ``bitrate`` and ``bit_depth`` are ``None`` when the user did not choose them (the
+    defaults, 128k and 16, are used). Returns warnings for settings that do nothing
+    with this codec: a bitrate with a lossless codec (wav, flac), a bit depth with a
+    lossy one. Each is one line, ``"codec <codec>: ..."``.
+
+    Raises:
+        OutputError: an unknown codec, a bit depth the codec has no format for, a
+            bitrate outside what the encoder can do (see :func:`bitrate_range`), or an
+            encoder that cannot be opened with these settings; the message names the
+            codec, the value and what is allowed.
+    """
+    warnings: list[str] = []
     try:
-        target = _target(f"output.{codec}", codec, bit_depth, 44100)
+        target = _target(f"output.{codec}", codec, 16 if bit_depth is None else bit_depth, 44100)
         if target.lossy:
-            value = _parse_bitrate(bitrate)
-            low, high = BITRATE_RANGE
-            if not low <= value <= high:
-                raise ValueError(f"bitrate {bitrate!r} is outside {low // 1000}k-{high // 1000}k")
+            rate = target.encode_rate or sample_rate
+            _check_bitrate(target, "128k" if bitrate is None else bitrate, rate, n_channels)
+            _try_encoder(target, rate, n_channels, bitrate)
+            if bit_depth is not None:
+                warnings.append(f"codec {codec}: lossy, the bit depth {bit_depth} is ignored")
+        elif bitrate is not None:
+            _parse_bitrate(bitrate)  # a malformed bitrate is an error with any codec
+            warnings.append(f"codec {codec}: lossless, the bitrate {bitrate} is ignored")
     except (AudioError, ValueError) as exc:
         message = str(exc).removeprefix(f"output.{codec}: ")
         raise OutputError(f"codec {codec}: {message}") from None
+    return warnings
+
+
+def _try_encoder(target: _Target, rate: int, n_channels: int, bitrate: int | str | None) -> None:
+    """Open (and drop) the encoder with these settings: its own refusals, before any work."""
+    ctx = av.CodecContext.create(target.encoder, "w")
+    try:
+        ctx.sample_rate = rate
+        ctx.layout = _layout(n_channels)
+        ctx.format = target.sample_format
+        ctx.bit_rate = _parse_bitrate("128k" if bitrate is None else bitrate)
+        ctx.open()
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise ValueError(
+            f"{target.encoder} refuses bitrate {bitrate or '128k'} at {rate} Hz, "
+            f"{_channels(n_channels)} ({_reason(exc)})"
+        ) from exc
 
 
 def _parse_bitrate(bitrate: int | str) -> int:
@@ -667,10 +985,12 @@ def _layout(n_channels: int) -> str:
 class AudioWriter:
     """Encode a waveform chunk by chunk into a file, atomically.
 
-    Samples go to a hidden ``.<name>.<random>.part<suffix>`` file in the destination's
-    directory; :meth:`close` finishes it and renames it over ``path``. Leaving a
-    ``with`` block with an exception (or calling :meth:`abort`) deletes it instead, so a
-    failed write never leaves a partial file behind.
+    Samples go to a hidden ``.<name>.<pid>-<random>.part<suffix>`` file in the
+    destination's directory (:func:`splitstems.files.temp_path`); :meth:`close`
+    finishes it and renames it over ``path``. Leaving a ``with`` block with an
+    exception (or calling :meth:`abort`) deletes it instead, so a failed write never
+    leaves a partial file behind; the temp files that killed processes left for the
+    same destination are removed when a writer opens.
 
     Codecs (from ``codec`` or the suffix of ``path``): ``wav`` (``bit_depth`` 16 →
     pcm_s16le, 24 → pcm_s24le, 32 or ``"32f"`` → pcm_f32le), ``flac`` (16 or 24 bit),
@@ -708,8 +1028,14 @@ class AudioWriter:
         self.n_channels = int(n_channels)
         name = str(self.path)
         self._target = _target(name, codec, bit_depth, self.sample_rate)
-        bit_rate = _parse_bitrate(bitrate) if self._target.lossy else None
         self._rate = self._target.encode_rate or self.sample_rate  # the encoder's rate
+        bit_rate = None
+        if self._target.lossy:
+            _parse_bitrate(bitrate)  # ValueError: not a bitrate at all
+            try:
+                bit_rate = _check_bitrate(self._target, bitrate, self._rate, self.n_channels)
+            except ValueError as exc:  # a bitrate, but not one this encoder can do
+                raise AudioError(f"{name}: {exc}") from None
         self._resampler = None
         if self._rate != self.sample_rate:
             self._resampler = soxr.ResampleStream(
@@ -742,8 +1068,8 @@ class AudioWriter:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{name}: cannot create directory {parent} ({_reason(exc)})") from exc
-        token = uuid.uuid4().hex[:8]
-        return parent / f".{self.path.stem}.{token}.part{self.path.suffix}"
+        remove_stale_temps(self.path)  # leftovers of a killed run writing here
+        return temp_path(self.path)
 
     def _open(self, name: str, bit_rate: int | None) -> None:
         target = self._target
