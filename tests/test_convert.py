@@ -8,8 +8,12 @@ with :func:`write_checkpoint` from the real indexes (same names, shapes and offs
 from __future__ import annotations
 
 import re
+import resource
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import crc32c
@@ -496,3 +500,26 @@ def test_synthetic_checkpoint_from_real_index_converts_and_loads(
 def test_tensor_info_is_a_plain_record() -> None:
     info = TensorInfo("w", "float32", (2, 3), 0, 0, 24, 0)
     assert info.shape == (2, 3) and info.size == 24
+
+
+def _limit_file_size() -> None:  # in the child: writes past 1 MB fail (as on a full disk)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+
+def test_convert_that_cannot_write_is_one_line_and_leaves_nothing(
+    real_2stems: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "convert", str(real_2stems), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size,  # noqa: PLW1509 - no threads in the child yet
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {out}: cannot write the converted model (File too large)"
+    ]
+    assert list(out.iterdir()) == []

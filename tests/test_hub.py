@@ -15,7 +15,10 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -540,3 +543,33 @@ def test_spleeter_model_path_is_honoured_below_our_own_settings(
     monkeypatch.setenv("MODEL_PATH", str(explicit))
     with pytest.raises(ModelError, match="downloading is disabled"):
         hub.resolve_weights(config, download=False)
+
+
+def test_a_conversion_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    checkpoint_2stems: Path, cache: Path
+) -> None:
+    # A file-size limit of 1 MB (as a full disk): the 75 MB weights cannot be written.
+    script = f"""
+import resource, signal
+from splitstems import hub
+from splitstems.config import load_config
+from splitstems.errors import ModelError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    hub.resolve_weights(load_config("spleeter:2stems"), model_dir={str(checkpoint_2stems)!r})
+except ModelError as exc:
+    print(exc)
+"""
+    env = os.environ | {"SPLITSTEMS_CACHE": str(cache)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert re.fullmatch(
+        rf"{cache}/converted/2stems-[0-9a-f]{{16}}: cannot write the converted weights into the "
+        r"cache \(File too large\); free some space or set SPLITSTEMS_CACHE to another folder",
+        line,
+    )
+    assert list((cache / "converted").iterdir()) == []

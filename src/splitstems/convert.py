@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import crc32c as _crc32c
 import numpy as np
 
-from splitstems.errors import CheckpointError
+from splitstems.errors import CheckpointError, OutputError
 from splitstems.files import atomic_write
 
 if TYPE_CHECKING:
@@ -845,7 +845,9 @@ def convert_checkpoint(
 
     Raises:
         CheckpointError: the checkpoint is unreadable, corrupt or not for this model.
+        OutputError: the files cannot be written (nothing half-written is left).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     prefix = _checkpoint_prefix(src)
@@ -869,7 +871,23 @@ def convert_checkpoint(
     except OSError as exc:
         raise CheckpointError(f"{dst}: cannot create ({exc.strerror or exc})") from None
     weights = dst / "model.safetensors"
-    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     config_text = json.dumps(config.to_json_dict(), indent=2) + "\n"
-    atomic_write(dst / "config.json", config_text.encode("utf-8"))
+    try:
+        atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+        atomic_write(dst / "config.json", config_text.encode("utf-8"))
+    except (OSError, SafetensorError) as exc:  # disk full, file-size limit, read-only folder
+        error = _os_error(exc)
+        cause = error.strerror or str(error) or type(error).__name__
+        raise OutputError(f"{dst}: cannot write the converted model ({cause})") from error
     return weights
+
+
+def _os_error(exc: BaseException) -> OSError:
+    """Return ``exc`` as an OSError (safetensors reports I/O errors as ``(os error N)``)."""
+    if isinstance(exc, OSError):
+        return exc
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    if match:
+        number = int(match.group(1))
+        return OSError(number, os.strerror(number))
+    return OSError(" ".join(str(exc).split()))

@@ -48,7 +48,13 @@ from pathlib import Path, PurePosixPath
 
 from splitstems import weights as _weights
 from splitstems.config import RELEASED_MODELS, ModelConfig, checkpoint_name, load_config
-from splitstems.errors import CheckpointError, ConfigError, DownloadError, ModelError
+from splitstems.errors import (
+    CheckpointError,
+    ConfigError,
+    DownloadError,
+    ModelError,
+    OutputError,
+)
 
 __all__ = [
     "DEFAULT_DOWNLOAD_URL",
@@ -157,6 +163,15 @@ def _unwritable(root: Path, exc: OSError) -> ModelError:
         f"{root}: cannot write to the model cache ({cause}); set SPLITSTEMS_CACHE to a "
         "writable folder, or convert the checkpoint once with `splitstems convert CHECKPOINT "
         "-o DIR` and pass --model-dir DIR"
+    )
+
+
+def _cannot_cache(final: Path, exc: OSError | OutputError) -> ModelError:
+    error = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    cause = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return ModelError(
+        f"{final}: cannot write the converted weights into the cache ({cause}); free some "
+        "space or set SPLITSTEMS_CACHE to another folder"
     )
 
 
@@ -275,9 +290,12 @@ def download_checkpoint(name: str, *, progress: bool = True) -> Path:
 
             staging = work / "converted"
             config = load_config(f"spleeter:{release.name}")
-            convert_checkpoint(checkpoint, staging, config, source=f"{url} sha256:{digest}")
-            _record(staging)
-            _install(staging, final, trash=work / "old")
+            try:
+                convert_checkpoint(checkpoint, staging, config, source=f"{url} sha256:{digest}")
+                _record(staging)
+                _install(staging, final, trash=work / "old")
+            except (OSError, OutputError) as exc:
+                raise _cannot_cache(final, exc) from None
     log.info("%s: cached in %s", release.name, final)
     return final / _WEIGHTS
 
@@ -516,9 +534,12 @@ def _convert_cached(prefix: Path, config: ModelConfig) -> Path:
             log.info("converting %s into %s", index, final)
         with _staging(final.parent, name) as work:
             staging = work / "converted"
-            convert_checkpoint(prefix, staging, _base_config(config), source=str(index))
-            _record(staging)
-            _install(staging, final, trash=work / "old")
+            try:
+                convert_checkpoint(prefix, staging, _base_config(config), source=str(index))
+                _record(staging)
+                _install(staging, final, trash=work / "old")
+            except (OSError, OutputError) as exc:
+                raise _cannot_cache(final, exc) from None
     return final / _WEIGHTS
 
 
