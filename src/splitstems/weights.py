@@ -215,14 +215,14 @@ def write_record(weights: str | os.PathLike[str], digest: str | None = None) -> 
         OSError: the record cannot be written.
     """
     weights = Path(weights)
+    stamp = _stamp(weights)
     if digest is None:
         digest = sha256(weights)
-    record = {
-        "version": _RECORD_VERSION,
-        "file": weights.name,
-        "sha256": digest,
-        "stamp": _stamp(weights),
-    }
+    _write_record(weights, digest, stamp)
+
+
+def _write_record(weights: Path, digest: str, stamp: list[int]) -> None:
+    record = {"version": _RECORD_VERSION, "file": weights.name, "sha256": digest, "stamp": stamp}
     atomic_write(weights.parent / RECORD, json.dumps(record, indent=2) + "\n")
 
 
@@ -266,7 +266,8 @@ def verify(weights: str | os.PathLike[str]) -> str | None:
             f"({str(record['sha256'])[:12]}...); the file was changed or damaged"
         )
     try:
-        write_record(weights, digest)
+        if _stamp(weights) == stamp:  # not replaced while we read it (a rebuild elsewhere)
+            _write_record(weights, digest, stamp)
     except OSError as exc:
         log.debug("%s: cannot record its checksum (%s)", weights, exc)
     return None
