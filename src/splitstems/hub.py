@@ -552,14 +552,20 @@ def resolve_weights(
 ) -> Path:
     """Return the path of a ``model.safetensors`` holding ``config``'s weights.
 
-    Looks in ``model_dir`` (else ``$SPLITSTEMS_MODEL_DIR``), next to a JSON config, in
-    the cache, then downloads the released checkpoint if ``download`` (see the module
-    docstring for the exact order). TF checkpoints found locally are converted once into
-    the cache; re-runs reuse the conversion until the checkpoint files change.
+    Looks in ``model_dir`` (else ``$SPLITSTEMS_MODEL_DIR``, else Spleeter's
+    ``$MODEL_PATH``), next to a JSON config, in the cache, then downloads the released
+    checkpoint if ``download`` (see the module docstring for the exact order). TF
+    checkpoints found locally are converted once into the cache; re-runs reuse the
+    conversion until the checkpoint files change. What comes from the cache is verified
+    against its recorded sha256, and a damaged entry is rebuilt (warning logged); a
+    ``model.safetensors`` in a folder of the user's is returned as found, and
+    :func:`splitstems.weights.load` says what is wrong with it, if anything.
 
     Raises:
         ModelError: no weights found and downloading is disabled or impossible
-            (:class:`~splitstems.errors.DownloadError` when the download itself failed).
+            (:class:`~splitstems.errors.DownloadError` when the download itself failed),
+            a damaged cache entry that cannot be rebuilt, or a cache that cannot be
+            written.
         CheckpointError: a local checkpoint is corrupt or does not fit the model.
     """
     tried: list[str] = []
@@ -594,8 +600,9 @@ def resolve_weights(
 def list_models(*, model_dir: str | os.PathLike[str] | None = None) -> list[ModelInfo]:
     """List the released models (``spleeter:<name>``) and whether their weights are local.
 
-    Nothing is downloaded or converted; ``model_dir`` is searched like in
-    :func:`resolve_weights` (default ``$SPLITSTEMS_MODEL_DIR``), then the cache.
+    Nothing is downloaded, converted or verified; ``model_dir`` is searched like in
+    :func:`resolve_weights` (default ``$SPLITSTEMS_MODEL_DIR``, then ``$MODEL_PATH``),
+    then the cache.
     """
     out = []
     for name in RELEASED_MODELS:
