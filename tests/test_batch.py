@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -37,23 +39,144 @@ def test_expand_folders_globs_and_keep_missing(library, tmp_path):
     assert expand_inputs([empty]) == [empty]
 
 
-def test_batch_skips_done_work_and_isolates_failures(separator_2stems, library, tmp_path):
+def test_expand_glob_that_matches_folders(library, tmp_path):
+    # 'music/*' matches the folder sub/ and the files a.wav, notes.txt: the folder is
+    # expanded as if given directly (it used to be dropped silently).
+    got = expand_inputs([str(library / "*")])
+    assert [p.relative_to(library).as_posix() for p in got] == [
+        "a.wav",
+        "notes.txt",
+        "sub/b.flac",
+        "sub/deeper/c.mp3",
+    ]
+    (library / "empty").mkdir()
+    assert library / "empty" in expand_inputs([str(library / "e*")])  # reported, not dropped
+
+
+def _separate(separator, files, out, **kwargs):
+    return separate_files(separator, files, out, progress=False, **kwargs)
+
+
+def test_batch_isolates_failures_and_reruns_overwrite(separator_2stems, library, tmp_path):
     out = tmp_path / "out"
     files = [*expand_inputs([library]), tmp_path / "missing.wav"]
     seen = []
-    report = separate_files(separator_2stems, files, out, progress=False, on_result=seen.append)
+    report = _separate(separator_2stems, files, out, on_result=seen.append)
     assert [r.status for r in report.results] == ["done", "done", "done", "failed"]
     assert "missing.wav" in report.failed[0].reason
     assert len(seen) == 4
     assert report.summary().startswith("3 done, 0 skipped, 1 failed (3.0 s of audio")
+    # A second run overwrites, as Spleeter: with other settings (-d) too, and where a
+    # stem is empty (both used to be "skipped", keeping the old stems).
     vocals = out / "a" / "vocals.wav"
+    (out / "b" / "vocals.wav").write_bytes(b"")
+    again = _separate(separator_2stems, files[:3], out, duration=0.5)
+    assert [r.status for r in again.results] == ["done"] * 3
+    assert audio.load(vocals).shape == (22050, 2)
+    assert audio.load(out / "b" / "vocals.wav").shape == (22050, 2)
+
+
+def _record(out: Path, name: str = "a") -> dict:
+    return json.loads((out / name / ".vocals.wav.splitstems.json").read_text())
+
+
+def test_resume_keeps_only_complete_stems_of_the_same_settings(separator_2stems, library, tmp_path):
+    out = tmp_path / "out"
+    song = library / "a.wav"
+    vocals, accompaniment = out / "a" / "vocals.wav", out / "a" / "accompaniment.wav"
+
+    def resume(**kwargs):
+        (result,) = _separate(separator_2stems, [song], out, resume=True, **kwargs).results
+        return result
+
+    first = resume()
+    assert first.status == "done" and not first.redone  # nothing there: not a redo
+    record = _record(out)
+    assert record["input"]["path"] == str(song.resolve())
+    assert record["n_samples"] == 44100 and record["settings"]["duration"] is None
+    assert len(record["settings"]["model_sha256"]) == 16
+    assert not list(out.rglob("*.tmp"))  # written through a temp file, then renamed
     stamp = vocals.stat().st_mtime_ns
-    again = separate_files(separator_2stems, files[:3], out, progress=False)
-    assert [r.status for r in again.results] == ["skipped"] * 3
-    assert vocals.stat().st_mtime_ns == stamp
-    redo = separate_files(separator_2stems, files[:1], out, progress=False, overwrite=True)
-    assert [r.status for r in redo.results] == ["done"]
-    assert vocals.stat().st_mtime_ns != stamp
+    same = resume()
+    assert same.status == "skipped" and vocals.stat().st_mtime_ns == stamp
+
+    other = resume(duration=0.5)
+    assert other.status == "done" and other.redone_kind == "settings differ"
+    assert other.redone == "settings differ (duration none -> 0.5)"
+    assert audio.load(vocals).shape == (22050, 2)
+    back = resume()
+    assert back.redone == "settings differ (duration 0.5 -> none)"
+
+    vocals.unlink()
+    assert resume().redone == "a/vocals.wav is missing"
+    accompaniment.write_bytes(accompaniment.read_bytes()[:3000])  # truncated after the run
+    truncated = resume()
+    assert truncated.redone.startswith("a/accompaniment.wav is damaged (truncated: ")
+    audio.save(accompaniment, audio.load(accompaniment)[:22050], sample_rate=44100)
+    assert resume().redone == "a/accompaniment.wav decodes to 0.50 s of 1.00 s"
+    accompaniment.write_bytes(b"")
+    assert resume().redone == "a/accompaniment.wav is damaged (empty file)"
+    assert resume().status == "skipped"
+
+    # The input changed (same path, other content): its stems are stale.
+    data = audio.load(song)
+    audio.save(song, 0.5 * data, sample_rate=44100)
+    changed = resume()
+    assert changed.redone_kind == "input changed" and changed.status == "done"
+    # Stems of an unknown run (e.g. another tool's, or empty files) are not trusted.
+    (out / "a" / ".vocals.wav.splitstems.json").unlink()
+    unknown = resume()
+    assert unknown.redone == "no record of how a/vocals.wav was made"
+    assert resume().status == "skipped"
+
+
+def test_resume_summary_says_why(separator_2stems, library, tmp_path):
+    out = tmp_path / "out"
+    files = expand_inputs([library])
+    _separate(separator_2stems, files, out)  # a default run leaves records too
+    (out / "a" / "vocals.wav").unlink()
+    report = _separate(separator_2stems, files, out, resume=True)
+    assert [r.status for r in report.results] == ["done", "skipped", "skipped"]
+    assert report.summary().startswith("1 done (1 redone: 1 stem missing), 2 skipped, 0 failed")
+    report = _separate(separator_2stems, files, out, resume=True, duration=0.5)
+    assert report.summary().startswith("3 done (3 redone: 3 settings differ), 0 skipped")
+
+
+@pytest.mark.parametrize(
+    "layout", ["{instrument}/{filename}.{codec}", "{foldername}-{filename}_{instrument}.{codec}"]
+)
+def test_resume_with_custom_filename_formats(separator_2stems, library, tmp_path, layout):
+    out = tmp_path / "out"
+    other = tmp_path / "other" / "a.wav"  # same file name, another folder
+    other.parent.mkdir()
+    audio.save(other, 0.5 * audio.load(library / "a.wav"), sample_rate=44100)
+    files = [library / "a.wav", library / "sub" / "b.flac"]
+    if "{foldername}" in layout:
+        files.append(other)
+    first = _separate(separator_2stems, files, out, filename_format=layout, resume=True)
+    assert {r.status for r in first.results} == {"done"}
+    records = sorted(p.name for p in out.rglob("*.splitstems.json"))
+    assert len(records) == len(files)  # one per input, none shared
+    again = _separate(separator_2stems, files, out, filename_format=layout, resume=True)
+    assert {r.status for r in again.results} == {"skipped"}
+
+
+def test_a_failed_redo_leaves_no_record(separator_2stems, library, tmp_path):
+    out = tmp_path / "out"
+    song = tmp_path / "song.wav"
+    song.write_bytes((library / "a.wav").read_bytes())
+    _separate(separator_2stems, [song], out)
+    assert (out / "song" / ".vocals.wav.splitstems.json").is_file()
+    with wave.open(str(song), "wb") as w:  # now a file without a sample: it fails
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+    (result,) = _separate(separator_2stems, [song], out).results
+    assert result.status == "failed" and "zero-length" in result.reason
+    assert not (out / "song" / ".vocals.wav.splitstems.json").exists()
+    song.write_bytes((library / "a.wav").read_bytes())
+    (again,) = _separate(separator_2stems, [song], out, resume=True).results
+    assert again.status == "done" and again.redone.startswith("no record of how")
 
 
 @pytest.mark.usefixtures("use_shared_models")
@@ -64,7 +187,9 @@ def test_cli_folder_input_summary_and_exit_code(library, tmp_path, capsys):
     assert "3 done, 0 skipped, 0 failed" in text
     assert main(["separate", "-o", str(out), str(library), str(tmp_path / "x.mp3")]) == 1
     captured = capsys.readouterr()
-    assert "0 done, 3 skipped, 1 failed" in captured.out
+    # one summary line, on stderr since something failed (it used to be on both)
+    assert "3 done, 0 skipped, 1 failed" in captured.err
+    assert "failed" not in captured.out and "files failed" not in captured.err
     assert "x.mp3: file not found" in captured.err
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from splitstems import audio
-from splitstems.cli import main
+from splitstems.cli import build_parser, main
 
 pytestmark = pytest.mark.usefixtures("use_shared_models")
 
@@ -35,7 +36,12 @@ def run(*args: str) -> int:
 
 
 def outputs(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Every file under ``root`` except the hidden records of the runs."""
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith(".splitstems.json")
+    )
 
 
 def test_separate_writes_stems(song, tmp_path, capsys):
@@ -76,10 +82,61 @@ def test_several_inputs_one_bad(song, tmp_path, capsys):
     out = tmp_path / "out"
     missing = tmp_path / "missing.mp3"
     code = run("separate", "-o", out, missing, song)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
     assert code == 1
-    assert "missing.mp3" in err and "1 of 2 files failed" in err
+    # the error, then one summary line on stderr (it used to be on stdout, and a second
+    # "1 of 2 files failed" on stderr)
+    assert captured.err.splitlines()[0].startswith("error: ")
+    assert "missing.mp3" in captured.err.splitlines()[0]
+    assert captured.err.splitlines()[1].startswith("1 done, 0 skipped, 1 failed (")
+    assert len(captured.err.splitlines()) == 2
+    assert captured.out.splitlines() == [captured.out.splitlines()[0]]  # song.wav's line
     assert outputs(out) == ["song/accompaniment.wav", "song/vocals.wav"]
+    other = tmp_path / "in" / "other.wav"
+    other.write_bytes(song.read_bytes())
+    assert run("separate", "-o", out, "-d", "1", song, other) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines()[-1].startswith("2 done, 0 skipped, 0 failed (")
+
+
+def test_rerun_overwrites_and_resume_redoes_what_differs(song, tmp_path, capsys):
+    out = tmp_path / "out"
+    vocals = out / "song" / "vocals.wav"
+    assert run("separate", "-o", out, song) == 0
+    assert outputs(out) == ["song/accompaniment.wav", "song/vocals.wav"]  # record: hidden
+    assert (out / "song" / ".vocals.wav.splitstems.json").is_file()
+    # Another run with other settings writes them (it used to say "skipped").
+    assert run("separate", "-o", out, "-d", "2", song) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert audio.load(vocals).shape == (2 * 44100, 2)
+    assert run("separate", "-o", out, "--resume", song) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("(redone: settings differ (duration 2 -> none))"), line
+    assert audio.load(vocals).shape == (3 * 44100, 2)
+    assert run("separate", "-o", out, "--resume", song) == 0
+    assert "skipped, stems complete and made with the same settings" in capsys.readouterr().out
+    assert run("separate", "-o", out, "--overwrite", song) == 0  # still accepted
+    assert "2 stems in" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        run("separate", "-o", out, "--overwrite", "--resume", song)
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_settings_a_codec_ignores_are_warned_once(song, tmp_path, capsys):
+    other = tmp_path / "in" / "other.wav"
+    other.write_bytes(song.read_bytes())
+    out = tmp_path / "out"
+    assert run("separate", "-o", out, "-d", "1", "-b", "320k", song, other) == 0
+    err = capsys.readouterr().err
+    assert err == "warning: codec wav: lossless, the bitrate 320k is ignored\n"
+    assert run("separate", "-o", out, "-d", "1", "-c", "mp3", "--bit-depth", "24", song) == 0
+    assert capsys.readouterr().err == "warning: codec mp3: lossy, the bit depth 24 is ignored\n"
+    # the defaults, given or not, are quiet
+    assert run("separate", "-o", out, "-d", "1", "-c", "flac", song) == 0
+    assert run("separate", "-o", out, "-d", "1", "-c", "mp3", "-b", "96k", song) == 0
+    assert capsys.readouterr().err == ""
 
 
 def _bad_files(tmp_path: Path, song: Path) -> dict[str, Path]:
@@ -184,15 +241,16 @@ def test_console_script_runs(song, tmp_path, model_env):
         timeout=300,
     )
     assert missing.returncode == 1
-    assert "nothing.mp3: file not found" in missing.stderr
-    assert "1 of 1 files failed" in missing.stdout + missing.stderr
+    assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nothing.mp3'}: file not found"]
+    assert missing.stdout == ""
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
         (["-c", "mp3", "-b", "abc"], "codec mp3: bitrate must look like"),
-        (["-c", "mp3", "-b", "64"], "outside 8k-512k"),
+        (["-c", "mp3", "-b", "64"], "bitrate 64 is outside what libmp3lame can do (32k-320k"),
+        (["-c", "mp3", "-b", "500k"], "bitrate 500k is outside what libmp3lame can do (32k-320k"),
         (["-c", "flac", "--bit-depth", "32f"], "flac supports bit_depth 16 or 24"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["-f", "{filename}/{instrument}.mp3"], "ends in .mp3 but the codec is wav"),
@@ -285,7 +343,7 @@ def test_convert_missing_checkpoint(tmp_path, capsys):
     assert "nothing: checkpoint not found" in err and ".index.index" not in err
 
 
-def test_python_dash_m_and_sigterm_cleanup(tmp_path, model_env):
+def test_python_dash_m_help(model_env):
     env = {**os.environ, **model_env}
     help_run = subprocess.run(
         [sys.executable, "-m", "splitstems", "separate", "--help"],
@@ -295,32 +353,105 @@ def test_python_dash_m_and_sigterm_cleanup(tmp_path, model_env):
         timeout=60,
     )
     assert help_run.returncode == 0 and "--filename_format" in help_run.stdout
-    long_song = tmp_path / "long.wav"
+
+
+def test_help_shows_every_default():
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, command in commands.choices.items():
+        formatter = command.formatter_class(command.prog)
+        for action in command._actions:
+            if not action.option_strings or action.required or action.nargs == 0:
+                continue  # positionals, required options and flags (off unless given)
+            if action.help == argparse.SUPPRESS:
+                continue
+            text = formatter._get_help_string(action) % {"default": action.default}
+            if "default" not in text:
+                missing.append(f"{name} {action.option_strings[-1]}")
+    assert missing == []
+
+
+@pytest.fixture(scope="module")
+def long_song(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 240-second tone: stopping it mid-file is easy."""
+    path = tmp_path_factory.mktemp("long") / "long.wav"
     t = np.arange(240 * 44100) / 44100
     tone = (0.2 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
-    audio.save(long_song, np.stack([tone, tone], 1), sample_rate=44100)
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitstems", "separate", "-o", str(out), str(long_song)],
-        env=env,
+    audio.save(path, np.stack([tone, tone], 1), sample_rate=44100)
+    return path
+
+
+def _start_separate(env: dict[str, str], *args: object, **popen: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "splitstems", "separate", *map(str, args)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
+
+
+def _wait_for_stems_of(proc: subprocess.Popen, folder: Path) -> None:
+    """Return once ``folder`` holds stems being written (``.part`` files)."""
+    for _ in range(6000):
+        if list(folder.glob(".*.part*")):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no stems being written in {folder}: {proc.communicate()}")
+
+
+@pytest.mark.parametrize(
+    "signum,message",
+    [
+        (signal.SIGINT, "interrupted"),
+        (signal.SIGTERM, "terminated"),
+        (signal.SIGHUP, "terminated"),
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
+def test_a_signal_mid_batch_stops_cleanly(song, long_song, tmp_path, model_env, signum, message):
+    out = tmp_path / "out"
+    proc = _start_separate(model_env, "-o", out, song, long_song)
     try:
-        for _ in range(600):  # wait until the stems are being written
-            if list(out.rglob("*.part*")):
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "finished before it could be interrupted"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        _wait_for_stems_of(proc, out / "long")
+        assert proc.poll() is None, "finished before it could be stopped"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "terminated" in err
-    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+    assert proc.returncode == 128 + signum, stderr
+    assert stderr.splitlines() == [message]  # once, no traceback
+    assert stdout.startswith(f"{song}: 2 stems in") and len(stdout.splitlines()) == 1
+    # The finished input keeps its stems (and record); the stopped one leaves nothing.
+    assert outputs(out) == ["song/accompaniment.wav", "song/vocals.wav"]
+    assert sorted(p.name for p in out.rglob(".*")) == [".vocals.wav.splitstems.json"]
+
+
+def test_sighup_under_nohup_does_not_stop_separate(long_song, tmp_path, model_env):
+    out = tmp_path / "out"
+    proc = _start_separate(
+        model_env,
+        "-o",
+        out,
+        "-d",
+        "90",
+        long_song,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    )
+    try:
+        _wait_for_stems_of(proc, out / "long")
+        assert proc.poll() is None, "finished before the hang-up"
+        proc.send_signal(signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert audio.load(out / "long" / "vocals.wav").shape == (90 * 44100, 2)
 
 
 def test_spleeter_positional_api(separator_2stems, song, tmp_path):

@@ -1,34 +1,67 @@
-"""Many files: expand folders and globs, skip finished work, one progress bar, a summary.
+"""Many files: expand folders and globs, one progress bar, a summary, resumable runs.
 
-A bad file never stops the batch: each input ends as ``done``, ``skipped`` (all its
-outputs exist already) or ``failed`` with the reason.
+A bad file never stops the batch: each input ends as ``done``, ``skipped`` (``resume``
+found its stems complete and made with the same settings) or ``failed`` with the reason.
+
+Every input whose stems are written gets a record, a small hidden JSON file beside its
+first stem (``out/song/.vocals.wav.splitstems.json`` with the default layout): the
+input's identity (resolved path, size, modification time), the settings (the model's
+sha256 fingerprint, codec, bitrate, bit depth, offset, duration, filename format, Wiener
+filter options, shifts, overlap, mask extension, precision), the stems' length and
+sizes. The first stem's path is unique to its input whatever the filename format, so
+records of different inputs never collide. A run deletes an input's record before it
+writes anything, so a run stopped half way leaves stems without a record, and
+``resume`` redoes them.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from splitstems import audio
+from splitstems import __version__, audio
 from splitstems.errors import AudioError, OutputError, SplitstemsError
-from splitstems.separator import DEFAULT_FILENAME_FORMAT, Separator, output_paths
+from splitstems.files import atomic_write
+from splitstems.separator import DEFAULT_FILENAME_FORMAT, Separator, StemFiles, output_paths
 
-__all__ = ["AUDIO_EXTENSIONS", "FileResult", "BatchReport", "expand_inputs", "separate_files"]
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "RECORD_SUFFIX",
+    "FileResult",
+    "BatchReport",
+    "expand_inputs",
+    "record_path",
+    "separate_files",
+]
 
 #: File name suffixes picked up when a folder is given (any file can be named directly).
 AUDIO_EXTENSIONS = frozenset(
     ".mp3 .wav .flac .ogg .oga .opus .m4a .aac .mp4 .wma .aif .aiff .aifc .webm .mkv .mka "
     ".mov .caf .ac3 .wv".split()
 )
+#: The record of an input's stems is ``.<first stem's file name><RECORD_SUFFIX>``.
+RECORD_SUFFIX = ".splitstems.json"
+#: Codecs whose stems decode to exactly the samples written; the others (encoder
+#: frames and padding) may differ by up to ``_LOSSY_SLACK`` samples.
+_LOSSLESS = frozenset({"wav", "flac"})
+_LOSSY_SLACK = 4096
+_DECODE_CHUNK = 1 << 20
 
 
 @dataclass
 class FileResult:
-    """What happened to one input: ``status`` is "done", "skipped" or "failed"."""
+    """What happened to one input: ``status`` is "done", "skipped" or "failed".
+
+    ``redone`` says why earlier stems of a ``resume`` run were not kept (e.g. "settings
+    differ (duration 2 -> none)"); ``redone_kind`` is its short form for the summary.
+    """
 
     path: Path
     status: str
@@ -36,6 +69,8 @@ class FileResult:
     seconds: float = 0.0  # audio seconds separated
     elapsed: float = 0.0  # wall seconds
     outputs: dict[str, Path] = field(default_factory=dict)
+    redone: str = ""
+    redone_kind: str = ""
 
 
 @dataclass
@@ -54,12 +89,17 @@ class BatchReport:
         return [r for r in self.results if r.status == "failed"]
 
     def summary(self) -> str:
-        """One line: done / skipped / failed counts, audio seconds and real-time factor."""
+        """One line: done (and why redone) / skipped / failed, audio seconds and speed."""
         audio_s = sum(r.seconds for r in self.results if r.status == "done")
         wall_s = sum(r.elapsed for r in self.results)
         speed = f", {audio_s / wall_s:.1f}x real time" if wall_s > 0 and audio_s > 0 else ""
+        redone = Counter(r.redone_kind for r in self.results if r.status == "done" and r.redone)
+        why = ""
+        if redone:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in redone.items())
+            why = f" ({sum(redone.values())} redone: {kinds})"
         return (
-            f"{self.count('done')} done, {self.count('skipped')} skipped, "
+            f"{self.count('done')} done{why}, {self.count('skipped')} skipped, "
             f"{self.count('failed')} failed ({audio_s:.1f} s of audio in {wall_s:.1f} s{speed})"
         )
 
@@ -71,7 +111,8 @@ def _has_magic(text: str) -> bool:
 def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Expand folders (recursively, audio suffixes only) and glob patterns, keep order.
 
-    A name that is neither an existing path nor a pattern matching something, and a
+    A folder a pattern matches is expanded as if it had been given directly. A name
+    that is neither an existing path nor a pattern matching something, and a
     folder without audio files, are kept as they are, so that the batch reports them
     rather than silently dropping them.
     """
@@ -84,28 +125,29 @@ def expand_inputs(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
             seen.add(key)
             out.append(path)
 
+    def add_path(path: Path) -> None:
+        if not path.is_dir():
+            add(path)
+            return
+        found = [
+            p
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
+        ]
+        for file in found:
+            add(file)
+        if not found:
+            add(path)  # reported as a failure: a folder without audio
+
     for item in items:
         text = os.fspath(item)
         path = Path(text).expanduser()
-        if path.is_dir():
-            found = [
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
-            ]
-            for file in found:
-                add(file)
-            if not found:
-                add(path)  # reported as a failure: a folder without audio
-        elif not path.exists() and _has_magic(text):
-            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
-            for match in matches:
-                if Path(match).is_file():
-                    add(Path(match))
-            if not matches:
-                add(path)
+        if not path.exists() and _has_magic(text):
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(text), recursive=True))]
+            for match in matches or [path]:
+                add_path(match)
         else:
-            add(path)
+            add_path(path)
     return out
 
 
@@ -120,21 +162,42 @@ def separate_files(
     offset: float = 0.0,
     duration: float | None = None,
     filename_format: str = DEFAULT_FILENAME_FORMAT,
-    overwrite: bool = False,
+    resume: bool = False,
     progress: bool | None = None,
     on_result: Callable[[FileResult], None] | None = None,
 ) -> BatchReport:
-    """Separate every file, skipping those whose stems all exist (unless ``overwrite``).
+    """Separate every file, overwriting earlier stems (as Spleeter), or resume.
 
-    One progress bar counts seconds of audio over the whole batch (``progress=None``:
-    shown when stderr is a terminal). ``on_result`` is called as each file ends.
+    With ``resume``, an input is skipped only when its record (see the module's notes)
+    shows the same input and settings and every stem exists, has the recorded size and
+    decodes to the recorded length; otherwise it is redone and :attr:`FileResult.redone`
+    says why. One progress bar counts seconds of audio over the whole batch
+    (``progress=None``: shown when stderr is a terminal). ``on_result`` is called as
+    each file ends.
     """
     from tqdm import tqdm
 
     order = {path: index for index, path in enumerate(files)}
     report = BatchReport()
     claimed: dict[Path, Path] = {}  # output path → the input that writes it
-    plan: list[tuple[Path, float | None]] = []
+    plan: list[_Planned] = []
+    known: dict[str, Any] = {}
+
+    def settings() -> dict[str, Any]:  # the model's fingerprint hashes ~75 MB: once
+        if not known:
+            known.update(
+                run_settings(
+                    separator,
+                    codec=codec,
+                    bitrate=bitrate,
+                    bit_depth=bit_depth,
+                    offset=offset,
+                    duration=duration,
+                    filename_format=filename_format,
+                )
+            )
+        return known
+
     for path in files:
         result = None
         try:
@@ -154,17 +217,33 @@ def separate_files(
                     "(add {foldername} to -f, or rename one of them)"
                 )
             claimed.update(dict.fromkeys(targets.values(), path))
-            if not overwrite and all(t.is_file() for t in targets.values()):
-                result = FileResult(path, "skipped", "outputs exist", outputs=targets)
+            info = audio.probe(path)
+            identity = _identity(path)
+            redo = None
+            if resume:
+                redo = _earlier_run(
+                    targets,
+                    identity,
+                    settings(),
+                    root=Path(destination).resolve(),
+                    sample_rate=separator.sample_rate,
+                    n_channels=separator.config.n_channels,
+                    lossless=codec.lower() in _LOSSLESS,
+                )
+            if redo is _KEEP:
+                result = FileResult(
+                    path, "skipped", "stems complete, same settings", outputs=targets
+                )
             else:
-                plan.append((path, _seconds(audio.probe(path).duration, offset, duration)))
+                seconds = _seconds(info.duration, offset, duration)
+                plan.append(_Planned(path, seconds, targets, identity, redo))
         except SplitstemsError as exc:
             result = FileResult(path, "failed", str(exc))
         if result is not None:
             report.results.append(result)
             if on_result is not None:
                 on_result(result)
-    total = sum(s for _, s in plan if s) or None
+    total = sum(item.seconds for item in plan if item.seconds) or None
     disable = None if progress is None else not progress
     with tqdm(
         total=total,
@@ -174,7 +253,8 @@ def separate_files(
         dynamic_ncols=True,
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]",
     ) as bar:
-        for index, (path, seconds) in enumerate(plan):
+        for index, item in enumerate(plan):
+            path, seconds = item.path, item.seconds
             bar.set_description(f"{index + 1}/{len(plan)} {path.name[:30]}")
             done_before = bar.n
             budget = seconds if seconds else float("inf")
@@ -184,6 +264,8 @@ def separate_files(
 
             start = time.perf_counter()
             try:
+                record = record_path(item.targets)
+                _forget(record)  # stopped half way, the stems must not look finished
                 outputs = separator.separate_to_file(
                     path,
                     destination,
@@ -195,7 +277,10 @@ def separate_files(
                     filename_format=filename_format,
                     on_progress=advance,
                 )
+                _write_record(record, item.identity, settings(), outputs, separator)
                 result = FileResult(path, "done", seconds=seconds or 0.0, outputs=outputs)
+                if item.redo is not None:
+                    result.redone_kind, result.redone = item.redo
             except SplitstemsError as exc:
                 result = FileResult(path, "failed", str(exc))
             result.elapsed = time.perf_counter() - start
@@ -206,6 +291,202 @@ def separate_files(
                 on_result(result)
     report.results.sort(key=lambda r: order[r.path])
     return report
+
+
+@dataclass
+class _Planned:
+    """An input to separate: its expected seconds, stems, identity and why it is redone."""
+
+    path: Path
+    seconds: float | None
+    targets: dict[str, Path]
+    identity: dict[str, Any]
+    redo: tuple[str, str] | None
+
+
+#: :func:`_earlier_run`'s answer when the earlier stems can be kept.
+_KEEP = ("keep", "")
+
+
+def record_path(outputs: Mapping[str, Path]) -> Path:
+    """Return where the record of an input's stems is kept: beside its first stem.
+
+    ``out/song/vocals.wav`` → ``out/song/.vocals.wav.splitstems.json``.
+    """
+    first = Path(next(iter(outputs.values())))
+    return first.with_name(f".{first.name}{RECORD_SUFFIX}")
+
+
+def run_settings(
+    separator: Separator,
+    *,
+    codec: str,
+    bitrate: str,
+    bit_depth: int | str,
+    offset: float,
+    duration: float | None,
+    filename_format: str,
+) -> dict[str, Any]:
+    """Return every setting that changes the stems of a file (what a resume compares).
+
+    The bitrate only counts for lossy codecs, the bit depth only for lossless ones, and
+    the Wiener filter's options only with the filter.
+    """
+    engine = separator.engine
+    lossless = codec.lower() in _LOSSLESS
+    return {
+        "model_sha256": separator.fingerprint(),
+        "codec": codec.lower(),
+        "bitrate": None if lossless else str(bitrate),
+        "bit_depth": str(bit_depth) if lossless else None,
+        "offset": float(offset),
+        "duration": None if duration is None else float(duration),
+        "filename_format": filename_format,
+        "mwf": engine.mwf,
+        "mwf_iterations": engine.mwf_iterations if engine.mwf else None,
+        "mwf_exponent": engine.mwf_exponent if engine.mwf else None,
+        "shifts": engine.shifts,
+        "overlap": engine.overlap_frames / separator.config.T,
+        "mask_extension": engine.mask_extension,
+        "precision": str(engine.dtype).removeprefix("torch."),
+    }
+
+
+def _identity(path: Path) -> dict[str, Any]:
+    """Return the input as a resume recognises it: resolved path, size, mtime."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise AudioError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _forget(record: Path) -> None:
+    try:
+        record.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{record}: cannot remove ({exc.strerror or exc})") from None
+
+
+def _write_record(
+    record: Path,
+    identity: dict[str, Any],
+    settings: dict[str, Any],
+    outputs: StemFiles,
+    separator: Separator,
+) -> None:
+    """Write the record of ``outputs`` (whole or not at all)."""
+    data = {
+        "splitstems": __version__,
+        "model": separator.config.name,
+        "input": identity,
+        "settings": settings,
+        "sample_rate": outputs.sample_rate,
+        "n_samples": outputs.n_samples,
+        "stems": {
+            name: {"file": os.path.relpath(path, record.parent), "bytes": path.stat().st_size}
+            for name, path in outputs.items()
+        },
+    }
+    try:
+        atomic_write(record, json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"{record}: cannot write ({exc.strerror or exc})") from None
+
+
+def _earlier_run(
+    targets: dict[str, Path],
+    identity: dict[str, Any],
+    settings: dict[str, Any],
+    *,
+    root: Path,
+    sample_rate: int,
+    n_channels: int,
+    lossless: bool,
+) -> tuple[str, str] | None:
+    """Judge the stems an earlier run left for one input.
+
+    Returns :data:`_KEEP` when they can be kept, None when there are none (a first run),
+    else ``(kind, why)``: a short kind for the summary and the reason for the file's line.
+    """
+    record = record_path(targets)
+
+    def shown(path: Path) -> str:
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+    try:
+        earlier = json.loads(record.read_text())
+    except FileNotFoundError:
+        present = [p for p in targets.values() if p.exists()]
+        if not present:
+            return None
+        return "no record", f"no record of how {shown(present[0])} was made"
+    except (OSError, ValueError) as exc:
+        return "record unreadable", f"{shown(record)} is unreadable ({exc})"
+    try:
+        old_input, old_settings = dict(earlier["input"]), dict(earlier["settings"])
+        expected = int(earlier["n_samples"])
+        rate = int(earlier["sample_rate"])
+        stems = dict(earlier["stems"])
+    except (KeyError, TypeError, ValueError):
+        return "record unreadable", f"{shown(record)} is not a splitstems record"
+    if old_input.get("path") != identity["path"]:
+        return "input changed", f"made from another input ({old_input.get('path')})"
+    if old_input.get("size") != identity["size"]:
+        return "input changed", (
+            f"the input changed since (size {old_input.get('size')} -> {identity['size']} bytes)"
+        )
+    if old_input != identity:
+        return "input changed", "the input was modified since"
+    if old_settings != settings:
+        changes = [
+            f"{key} {_show_setting(old_settings.get(key))} -> {_show_setting(settings.get(key))}"
+            for key in sorted({*old_settings, *settings})
+            if old_settings.get(key) != settings.get(key)
+        ]
+        return "settings differ", f"settings differ ({', '.join(changes)})"
+    if rate != sample_rate:
+        return "settings differ", f"settings differ (sample rate {rate} -> {sample_rate})"
+    slack = 0 if lossless else _LOSSY_SLACK
+    for target in targets.values():
+        if not target.is_file():
+            return "stem missing", f"{shown(target)} is missing"
+    for name, target in targets.items():
+        try:
+            n = _decoded_samples(target, sample_rate, n_channels)
+        except SplitstemsError as exc:
+            problem = str(exc).removeprefix(f"{target}: ")
+            return "stem damaged", f"{shown(target)} is damaged ({problem})"
+        if abs(n - expected) > slack:
+            return "stem incomplete", (
+                f"{shown(target)} decodes to {n / rate:.2f} s of {expected / rate:.2f} s"
+            )
+        size, written = target.stat().st_size, stems.get(name)
+        if not isinstance(written, dict) or size != written.get("bytes"):
+            written_size = written.get("bytes") if isinstance(written, dict) else None
+            return "stem changed", (
+                f"{shown(target)} changed since it was written ({size} bytes, not {written_size})"
+            )
+    return _KEEP
+
+
+def _show_setting(value: Any) -> str:
+    """Return a setting as the summary shows it: none, 2, 0.5, wav."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _decoded_samples(path: Path, sample_rate: int, n_channels: int) -> int:
+    """Return how many samples ``path`` decodes to at ``sample_rate``."""
+    chunks = audio.stream(
+        path, chunk_samples=_DECODE_CHUNK, sample_rate=sample_rate, n_channels=n_channels
+    )
+    return sum(chunk.shape[0] for chunk in chunks)
 
 
 def _seconds(total: float | None, offset: float, duration: float | None) -> float | None:

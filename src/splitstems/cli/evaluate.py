@@ -42,7 +42,10 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         help="the MUSDB subset folder to score (default: test)",
     )
     ev.add_argument(
-        "--tracks", nargs="+", default=None, help="only these tracks (names, .stem.mp4 optional)"
+        "--tracks",
+        nargs="+",
+        default=None,
+        help="only these tracks (names, .stem.mp4 optional; default: all)",
     )
     add_quality_options(ev)
     ev.add_argument(

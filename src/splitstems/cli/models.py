@@ -13,7 +13,11 @@ def add_parsers(sub: argparse._SubParsersAction, **kwargs: object) -> None:
     models = sub.add_parser(
         "models", help="list the released models and whether each is cached", **kwargs
     )
-    models.add_argument("--model-dir", default=None, help="also look in this folder")
+    models.add_argument(
+        "--model-dir",
+        default=None,
+        help="also look in this folder (default: $SPLITSTEMS_MODEL_DIR, then $MODEL_PATH)",
+    )
     models.set_defaults(handler=run_models)
 
     conv = sub.add_parser(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,8 @@ from splitstems.cli.options import (
 from splitstems.errors import SplitstemsError
 
 CODECS = ("wav", "mp3", "ogg", "m4a", "wma", "flac")
+#: What ``-b`` and ``--bit-depth`` mean when not given (None tells that apart).
+DEFAULT_BITRATE, DEFAULT_BIT_DEPTH = "128k", "16"
 log = logging.getLogger("splitstems")
 
 
@@ -40,12 +43,17 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         help="output directory (default: %(default)s, as Spleeter)",
     )
     sep.add_argument("-c", "--codec", default="wav", choices=CODECS, help="output codec")
-    sep.add_argument("-b", "--bitrate", default="128k", help="bitrate of lossy codecs")
+    sep.add_argument(
+        "-b",
+        "--bitrate",
+        default=None,
+        help=f"bitrate of lossy codecs (default: {DEFAULT_BITRATE}; wav and flac have none)",
+    )
     sep.add_argument(
         "--bit-depth",
-        default="16",
+        default=None,
         choices=("16", "24", "32f"),
-        help="sample format of wav output (flac: 16 or 24)",
+        help=f"sample format of wav output (flac: 16 or 24; default: {DEFAULT_BIT_DEPTH})",
     )
     sep.add_argument("-s", "--offset", type=offset, default=0.0, help="start offset in seconds")
     sep.add_argument(
@@ -62,8 +70,18 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         help="output path inside -o; keys {filename}, {foldername}, {instrument}, {codec}",
     )
     add_quality_options(sep)
-    sep.add_argument(
-        "--overwrite", action="store_true", help="redo files whose stems exist already"
+    rerun = sep.add_mutually_exclusive_group()
+    rerun.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="overwrite stems of earlier runs: the default, as Spleeter (kept for scripts)",
+    )
+    rerun.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip inputs whose stems are complete and were made from the same input with "
+        "the same model and settings (a hidden record beside each input's stems says so); "
+        "redo the others and say why",
     )
     sep.add_argument(
         "--batch-segments",
@@ -92,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
             f"error: no input files{f' found in {given}' if given else ' given'}", file=sys.stderr
         )
         return EXIT_USAGE
-    try:
-        check_encoding(args.codec, bitrate=args.bitrate, bit_depth=args.bit_depth)
+    bitrate = args.bitrate or DEFAULT_BITRATE
+    bit_depth = args.bit_depth or DEFAULT_BIT_DEPTH
+    try:  # None: not given (a codec that ignores it warns only when it was)
+        warnings = check_encoding(args.codec, bitrate=args.bitrate, bit_depth=args.bit_depth)
         separator = Separator(
             args.params,
             MWF=args.mwf,
@@ -120,14 +140,21 @@ def run(args: argparse.Namespace) -> int:
     except (SplitstemsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    for warning in warnings:  # once, before the first file
+        print(f"warning: {warning}", file=sys.stderr)
 
     def report(result: FileResult) -> None:
         if result.status == "failed":
             print(f"error: {result.reason}", file=sys.stderr)
             return
-        folder = Path(next(iter(result.outputs.values()))).parent
+        folder = Path(os.path.commonpath(list(result.outputs.values())))
+        if result.outputs and len(result.outputs) == 1:
+            folder = folder.parent
         if result.status == "skipped":
-            print(f"{result.path}: skipped, outputs exist in {folder} (--overwrite to redo)")
+            print(
+                f"{result.path}: skipped, stems complete and made with the same settings "
+                f"in {folder}"
+            )
             return
         for path in result.outputs.values():
             log.info("File %s written successfully", path)
@@ -136,9 +163,10 @@ def run(args: argparse.Namespace) -> int:
             if result.seconds and result.elapsed
             else ""
         )
+        redone = f" (redone: {result.redone})" if result.redone else ""
         print(
             f"{result.path}: {len(result.outputs)} stems in {result.elapsed:.1f} s{speed} "
-            f"-> {folder}"
+            f"-> {folder}{redone}"
         )
 
     batch = separate_files(
@@ -146,17 +174,14 @@ def run(args: argparse.Namespace) -> int:
         files,
         args.output_path,
         codec=args.codec,
-        bitrate=args.bitrate,
-        bit_depth=args.bit_depth,
+        bitrate=bitrate,
+        bit_depth=bit_depth,
         offset=args.offset,
         duration=args.duration,
         filename_format=args.filename_format,
-        overwrite=args.overwrite,
+        resume=args.resume,
         on_result=report,
     )
-    if len(files) > 1:
-        print(batch.summary())
-    if batch.failed:
-        print(f"{len(batch.failed)} of {len(files)} files failed", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    if len(files) > 1:  # one line, on stderr when something failed
+        print(batch.summary(), file=sys.stderr if batch.failed else sys.stdout)
+    return EXIT_FAILED if batch.failed else EXIT_OK

@@ -23,16 +23,38 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         help="JSON config in Spleeter's format (training keys included), or a model name",
     )
     tr.add_argument(
-        "-d", "--data", dest="data_root", default=None, help="folder the CSV paths are in (.)"
+        "-d",
+        "--data",
+        dest="data_root",
+        default=None,
+        help="folder the CSV paths are in (default: .)",
     )
-    tr.add_argument("--mus_dir", default=None, help="MUSDB18 or MUSDB18-HQ root (no CSVs)")
-    tr.add_argument("-o", "--output", default=None, help="model folder (config's model_dir)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in the model folder")
-    tr.add_argument("--init", default=None, help="start from a model (spleeter:2stems, a folder)")
-    tr.add_argument("--freeze-encoder", action="store_true", help="train the decoders only")
-    tr.add_argument("--steps", type=positive_int, default=None, help="train_max_steps")
     tr.add_argument(
-        "--augment", choices=("none", "spectrogram", "audio"), default=None, help="augmentation"
+        "--mus_dir",
+        default=None,
+        help="MUSDB18 or MUSDB18-HQ root instead of CSVs (default: the config's CSVs)",
+    )
+    tr.add_argument(
+        "-o", "--output", default=None, help="model folder (default: the config's model_dir)"
+    )
+    tr.add_argument("--resume", action="store_true", help="continue the run in the model folder")
+    tr.add_argument(
+        "--init",
+        default=None,
+        help="start from a model (spleeter:2stems, a folder; default: random weights)",
+    )
+    tr.add_argument("--freeze-encoder", action="store_true", help="train the decoders only")
+    tr.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="steps to train to (default: the config's train_max_steps)",
+    )
+    tr.add_argument(
+        "--augment",
+        choices=("none", "spectrogram", "audio"),
+        default=None,
+        help="augmentation (default: the config's augmentation, else none)",
     )
     tr.add_argument(
         "--batch-norm",
@@ -40,8 +62,16 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         default=None,
         help="moving: as the original trained (default); batch: batch statistics + dropout",
     )
-    tr.add_argument("--cache-dir", default=None, help="decoded chunks (<model folder>/cache)")
-    tr.add_argument("--model-dir", default=None, help="where the weights of --init are")
+    tr.add_argument(
+        "--cache-dir",
+        default=None,
+        help="decoded chunks (default: <model folder>/cache)",
+    )
+    tr.add_argument(
+        "--model-dir",
+        default=None,
+        help="where the weights of --init are (default: as separate --model-dir)",
+    )
     tr.add_argument("--no-validation", action="store_true", help="skip validation")
     tr.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
     tr.add_argument("--verbose", action="store_true", help="more logging")
