@@ -13,7 +13,7 @@ import pytest
 
 from splitstems import audio
 from splitstems.cli import main
-from splitstems.errors import ConfigError, OutputError, SplitstemsError
+from splitstems.errors import AudioError, ConfigError, OutputError, SplitstemsError
 from splitstems.evaluate import (
     DatasetError,
     evaluate,
@@ -236,12 +236,23 @@ def test_truncated_or_mismatched_stems_fail_the_track(tmp_path, rng, musdb):
     audio.save(vocals, audio.load(vocals)[:88_200], sample_rate=44100)
     preview = (musdb / "test" / "BKS - Too Much.stem.mp4").read_bytes()
     (tmp_path / "test" / "cut.stem.mp4").write_bytes(preview[: len(preview) // 3])
-    cut, short = find_tracks(tmp_path, "test")
+    write_hq_track(tmp_path, "cut drums", rng)
+    drums = tmp_path / "test" / "cut drums" / "drums.wav"
+    drums.write_bytes(drums.read_bytes()[:300_000])  # a WAV cut mid-data: its header says 2.5 s
+    cut, cut_drums, short = find_tracks(tmp_path, "test")
     lengths = r"stems differ in length \(mixture 2.50 s, .*vocals 2.00 s"
     with pytest.raises(DatasetError, match=lengths):
         short.load_all()
-    with pytest.raises(DatasetError, match=r"cut.stem.mp4: truncated: .* to 2.41 s of the 6.80 s"):
+    # one truncation check for evaluate and separate: the audio layer's
+    truncated = r"cut\.stem\.mp4: truncated: decodes to 2\.41\d s of the 6\.800 s its header gives$"
+    with pytest.raises(AudioError, match=truncated):
         cut.load_all()
+    truncated_wav = r"drums\.wav: truncated: decodes to 1\.700 s of the 2\.500 s its header gives$"
+    with pytest.raises(AudioError, match=truncated_wav):
+        cut_drums.load_all()
+    summary = evaluate(lambda mix: {"vocals": mix, "accompaniment": mix}, tmp_path)
+    assert sorted(summary.failed) == ["cut", "cut drums", "short vocals"]
+    assert summary.failed["cut drums"].endswith("its header gives")
 
 
 def test_a_missing_backend_fails_before_any_separation(tmp_path, rng, monkeypatch):

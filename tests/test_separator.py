@@ -138,3 +138,109 @@ def test_fingerprint_names_the_config_and_weights(separator_2stems, tmp_path):
         separator_2stems.fingerprint(),
         other_config.fingerprint(),
     }
+
+
+# --------------------------------------------------------------------------- damaged input
+
+
+def _stems_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_separate_takes_lists_and_never_changes_the_callers_array(separator_2stems, rng):
+    waveform = rng.uniform(-0.3, 0.3, (44100 * 2, 2)).astype(np.float32)
+    waveform[44100, 1] = np.nan
+    before = waveform.copy()
+    stems = separator_2stems.separate(waveform)
+    np.testing.assert_array_equal(waveform, before)  # NaN included: never cleaned in place
+    as_list = separator_2stems.separate(waveform.tolist(), sample_rate=44100)
+    assert _stems_equal(stems, as_list)
+
+
+def test_non_finite_samples_are_zeros_to_the_model_with_one_warning(separator_2stems, rng, caplog):
+    waveform = rng.uniform(-0.3, 0.3, (44100 * 3, 2)).astype(np.float32)
+    damaged = waveform.copy()
+    damaged[44100, 0] = np.nan
+    damaged[44100 + 7, 1] = np.inf
+    damaged[2 * 44100, 0] = -np.inf
+    zeros = np.where(np.isfinite(damaged), damaged, 0)
+    with caplog.at_level("WARNING", logger="splitstems"):
+        stems = separator_2stems.separate(damaged)
+    assert [r.getMessage() for r in caplog.records] == [
+        "waveform: 3 non-finite samples replaced by 0 (first at 1.000 s)"
+    ]
+    assert all(np.isfinite(v).all() for v in stems.values())
+    assert _stems_equal(stems, separator_2stems.separate(zeros))
+    at_22k = separator_2stems.separate(damaged[::2], sample_rate=22050)
+    assert all(np.isfinite(v).all() and v.shape == (66150, 2) for v in at_22k.values())
+
+
+@pytest.mark.parametrize(
+    ("shape", "problem"),
+    [
+        ((2, 44100), r"got \(2, 44100\): channels first\? pass waveform\.T"),
+        ((8, 100), r"got \(8, 100\): channels first"),
+        ((1000, 65), r"with at most 64 channels, got \(1000, 65\)"),
+        ((100, 2, 2), r"got \(100, 2, 2\)"),
+        ((0, 2), r"got \(0, 2\)"),
+    ],
+)
+def test_separate_refuses_shapes_that_are_not_samples_by_channels(separator_2stems, shape, problem):
+    with pytest.raises(
+        AudioError, match=rf"^waveform: expected shape \(n_samples, n_channels\).*{problem}"
+    ):
+        separator_2stems.separate(np.zeros(shape, np.float32))
+
+
+def test_separate_accepts_a_few_samples_of_many_channels(separator_2stems):
+    stems = separator_2stems.separate(np.zeros((9, 6), np.float32))  # first 2 channels kept
+    assert all(v.shape == (9, 2) for v in stems.values())
+    stems = separator_2stems.separate(np.zeros((5, 1), np.float32))
+    assert all(v.shape == (5, 2) for v in stems.values())
+
+
+def test_a_file_with_nan_gives_the_stems_of_the_file_with_zeros(
+    separator_2stems, rng, tmp_path, caplog
+):
+    waveform = rng.uniform(-0.3, 0.3, (44100 * 3, 2)).astype(np.float32)
+    zeros = waveform.copy()
+    zeros[int(1.5 * 44100), 0] = 0
+    damaged = zeros.copy()
+    damaged[int(1.5 * 44100), 0] = np.nan
+    audio.save(tmp_path / "nan.wav", damaged, sample_rate=44100, bit_depth="32f")
+    audio.save(tmp_path / "zeros.wav", zeros, sample_rate=44100, bit_depth="32f")
+    with caplog.at_level("WARNING", logger="splitstems"):
+        got = separator_2stems.separate_to_file(tmp_path / "nan.wav", tmp_path / "out")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'nan.wav'}: 1 non-finite sample replaced by 0 (first at 1.500 s)"
+    ]
+    want = separator_2stems.separate_to_file(tmp_path / "zeros.wav", tmp_path / "out")
+    for name in got:
+        assert got[name].read_bytes() == want[name].read_bytes()
+
+
+def test_a_truncated_file_leaves_no_output(separator_2stems, shared_dir, tmp_path):
+    source = shared_dir / "audio" / "reference" / "inputs" / "BKS_Too_Much.wav"
+    data = source.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    message = r"cut\.wav: truncated: decodes to 3\.40\d s of the 6\.803 s its header gives$"
+    with pytest.raises(AudioError, match=message):
+        separator_2stems.separate_to_file(tmp_path / "cut.wav", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("use_shared_models")
+def test_a_file_warns_once_whatever_the_number_of_passes(rng, tmp_path, caplog):
+    # the MWF reads the file once per pass (6 here): its warnings are said once
+    six = rng.uniform(-0.2, 0.2, (44100 * 2, 6)).astype(np.float32)
+    six[1000, 0] = np.nan
+    audio.save(tmp_path / "six.wav", six, sample_rate=44100, bit_depth="32f")
+    separator = Separator(
+        "spleeter:2stems", MWF=True, mwf_iterations=5, device="cpu", progress=False
+    )
+    with caplog.at_level("WARNING", logger="splitstems"):
+        separator.separate_to_file(tmp_path / "six.wav", tmp_path / "out")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'six.wav'}: keeping the first 2 of its 6 channels",
+        f"{tmp_path / 'six.wav'}: 1 non-finite sample replaced by 0 (first at 0.023 s)",
+    ]

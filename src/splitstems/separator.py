@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,13 @@ from splitstems.errors import AudioError, OutputError
 from splitstems.models.unet import SpleeterModel
 from splitstems.weights import load as read_weights
 
-__all__ = ["Separator", "StemFiles", "load_model", "output_paths", "DEFAULT_FILENAME_FORMAT"]
+__all__ = [
+    "DEFAULT_FILENAME_FORMAT",
+    "MAX_CHANNELS",
+    "Separator",
+    "load_model",
+    "output_paths",
+]
 
 DEFAULT_FILENAME_FORMAT = "{filename}/{instrument}.{codec}"
 #: Audio is decoded this many seconds at a time when separating files.
@@ -118,20 +125,6 @@ def output_paths(
             )
         paths[instrument] = path
     return paths
-
-
-class StemFiles(dict[str, Path]):
-    """What :meth:`Separator.separate_to_file` wrote: instrument → path, as a dict.
-
-    Attributes:
-        n_samples: the length of every stem, in samples at ``sample_rate``.
-        sample_rate: the model's sample rate (the stems are written at it).
-    """
-
-    def __init__(self, paths: dict[str, Path], *, n_samples: int, sample_rate: int) -> None:
-        super().__init__(paths)
-        self.n_samples = n_samples
-        self.sample_rate = sample_rate
 
 
 class Separator:
@@ -231,25 +224,35 @@ class Separator:
     ) -> dict[str, np.ndarray]:
         """Separate a waveform ``(n_samples, n_channels)`` (or mono ``(n_samples,)``).
 
-        ``sample_rate`` defaults to the model's (44.1 kHz); other rates are resampled for
-        the model and the stems resampled back, so they have the input's rate and length.
-        Returns instrument → ``(n_samples, 2)`` float32. ``audio_descriptor`` is ignored
-        (the original's signature).
+        ``waveform`` is anything ``numpy.asarray`` turns into numbers (an array, a list);
+        it is never modified. ``sample_rate`` defaults to the model's (44.1 kHz); other
+        rates are resampled for the model and the stems resampled back, so they have the
+        input's rate and length. NaN and ±inf samples are replaced by 0, with one
+        warning. Returns instrument → ``(n_samples, 2)`` float32. ``audio_descriptor``
+        is ignored (the original's signature).
+
+        Raises:
+            AudioError: empty audio, or a shape that is not ``(n_samples, n_channels)``:
+                more than :data:`MAX_CHANNELS` channels, or what looks transposed
+                (``(channels, samples)``: at most 8 rows and more columns).
+            ValueError: ``sample_rate`` is not a positive integer.
         """
-        data = np.asarray(waveform, dtype=np.float32)
-        if data.ndim == 1:
-            data = data[:, None]
-        if data.ndim != 2 or data.shape[0] == 0:
-            raise AudioError(f"waveform: expected (n_samples, n_channels) audio, got {data.shape}")
+        data = _as_waveform(waveform)
+        n_samples = data.shape[0]
+        rate = self.sample_rate if sample_rate is None else sample_rate
+        if isinstance(rate, bool) or int(rate) != rate or rate <= 0:
+            raise ValueError(f"sample_rate must be a positive integer, not {sample_rate!r}")
+        rate = int(rate)
+        non_finite = audio.NonFinite("waveform", rate)
+        data = non_finite.clean(data)
+        non_finite.report()
         data = audio.to_channels("waveform", data, self.config.n_channels)
-        rate = sample_rate or self.sample_rate
         if rate != self.sample_rate:
             data = soxr.resample(data, rate, self.sample_rate, quality="HQ").astype(np.float32)
         stems = self.engine.separate(data)
         if rate != self.sample_rate:
-            n = waveform.shape[0]
             stems = {
-                k: _fit_length(soxr.resample(v, self.sample_rate, rate, quality="HQ"), n)
+                k: _fit_length(soxr.resample(v, self.sample_rate, rate, quality="HQ"), n_samples)
                 for k, v in stems.items()
             }
         return stems
@@ -268,7 +271,7 @@ class Separator:
         *,
         bit_depth: int | str = 16,
         on_progress: Callable[[float], None] | None = None,
-    ) -> StemFiles:
+    ) -> dict[str, Path]:
         """Separate an audio file and write one file per stem; return instrument → path.
 
         The file is decoded, separated and encoded in chunks (memory stays bounded), every
@@ -277,7 +280,6 @@ class Separator:
         is called with the seconds of audio done. The positional order is Spleeter's;
         ``audio_adapter`` and ``synchronous`` are accepted for compatibility and ignored
         (the call always returns when the files are written; :meth:`join` is a no-op).
-        The returned dict also tells the stems' length (:class:`StemFiles`).
         """
         source = Path(audio_descriptor)
         paths = output_paths(
@@ -289,6 +291,8 @@ class Separator:
         )
         audio.probe(source)  # fail on a bad input before any output file is opened
 
+        passes = itertools.count()
+
         def chunks() -> Iterator[np.ndarray]:  # opened once per pass (MWF: several)
             return audio.stream(
                 source,
@@ -297,19 +301,18 @@ class Separator:
                 duration=duration,
                 sample_rate=self.sample_rate,
                 n_channels=self.config.n_channels,
+                warn=next(passes) == 0,  # the file's warnings once, not once per pass
             )
 
         created = _missing_parents(paths.values())
         try:
-            n_samples = self._write_stems(
-                source, chunks, paths, codec, bitrate, bit_depth, on_progress
-            )
+            self._write_stems(source, chunks, paths, codec, bitrate, bit_depth, on_progress)
         except BaseException:
             for folder in created:  # leave no empty folders behind a failure
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
-        return StemFiles(paths, n_samples=n_samples, sample_rate=self.sample_rate)
+        return paths
 
     def join(self, timeout: float = 200) -> None:
         """Do nothing: Spleeter's call to wait for asynchronous exports (ours are not)."""
@@ -323,8 +326,7 @@ class Separator:
         bitrate: str,
         bit_depth: int | str,
         on_progress: Callable[[float], None] | None,
-    ) -> int:
-        """Write the stems of ``chunks()`` to ``paths``; return their length in samples."""
+    ) -> None:
         seconds_per_segment = (
             self.engine.segment_samples / self.sample_rate / self.engine.work_factor
         )
@@ -370,7 +372,39 @@ class Separator:
             encoder.join()
             if n_written == 0:
                 raise AudioError(f"{source}: zero-length audio")
-        return n_written
+
+
+#: Most channels :meth:`Separator.separate` accepts in a waveform (more is taken for a
+#: ``(channels, samples)`` array or a mistake: sound files rarely have more than 16).
+MAX_CHANNELS = 64
+# At most this many rows and more columns: a (channels, samples) array.
+_TRANSPOSED_ROWS = 8
+
+
+def _as_waveform(waveform: object) -> np.ndarray:
+    """Return ``waveform`` as float32 ``(n_samples, n_channels)`` (maybe the same memory)."""
+    try:
+        data = np.asarray(waveform, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise AudioError(
+            f"waveform: expected numbers of shape (n_samples, n_channels) ({exc})"
+        ) from None
+    if data.ndim == 1:
+        data = data[:, None]
+    if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] == 0:
+        raise AudioError(f"waveform: expected shape (n_samples, n_channels), got {data.shape}")
+    n_samples, n_channels = data.shape
+    if n_samples <= _TRANSPOSED_ROWS < n_channels:
+        raise AudioError(
+            f"waveform: expected shape (n_samples, n_channels), got {data.shape}: "
+            "channels first? pass waveform.T"
+        )
+    if n_channels > MAX_CHANNELS:
+        raise AudioError(
+            f"waveform: expected shape (n_samples, n_channels) with at most {MAX_CHANNELS} "
+            f"channels, got {data.shape}"
+        )
+    return data
 
 
 def _missing_parents(paths: Iterable[Path]) -> list[Path]:
