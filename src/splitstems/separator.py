@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_FILENAME_FORMAT",
     "MAX_CHANNELS",
     "Separator",
+    "StemFiles",
     "load_model",
     "output_paths",
 ]
@@ -125,6 +126,20 @@ def output_paths(
             )
         paths[instrument] = path
     return paths
+
+
+class StemFiles(dict[str, Path]):
+    """What :meth:`Separator.separate_to_file` wrote: instrument → path, as a dict.
+
+    Attributes:
+        n_samples: the length of every stem, in samples at ``sample_rate``.
+        sample_rate: the model's sample rate (the stems are written at it).
+    """
+
+    def __init__(self, paths: dict[str, Path], *, n_samples: int, sample_rate: int) -> None:
+        super().__init__(paths)
+        self.n_samples = n_samples
+        self.sample_rate = sample_rate
 
 
 class Separator:
@@ -271,7 +286,7 @@ class Separator:
         *,
         bit_depth: int | str = 16,
         on_progress: Callable[[float], None] | None = None,
-    ) -> dict[str, Path]:
+    ) -> StemFiles:
         """Separate an audio file and write one file per stem; return instrument → path.
 
         The file is decoded, separated and encoded in chunks (memory stays bounded), every
@@ -280,6 +295,7 @@ class Separator:
         is called with the seconds of audio done. The positional order is Spleeter's;
         ``audio_adapter`` and ``synchronous`` are accepted for compatibility and ignored
         (the call always returns when the files are written; :meth:`join` is a no-op).
+        The returned dict also tells the stems' length (:class:`StemFiles`).
         """
         source = Path(audio_descriptor)
         paths = output_paths(
@@ -306,13 +322,15 @@ class Separator:
 
         created = _missing_parents(paths.values())
         try:
-            self._write_stems(source, chunks, paths, codec, bitrate, bit_depth, on_progress)
+            n_samples = self._write_stems(
+                source, chunks, paths, codec, bitrate, bit_depth, on_progress
+            )
         except BaseException:
             for folder in created:  # leave no empty folders behind a failure
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
-        return paths
+        return StemFiles(paths, n_samples=n_samples, sample_rate=self.sample_rate)
 
     def join(self, timeout: float = 200) -> None:
         """Do nothing: Spleeter's call to wait for asynchronous exports (ours are not)."""
@@ -326,7 +344,8 @@ class Separator:
         bitrate: str,
         bit_depth: int | str,
         on_progress: Callable[[float], None] | None,
-    ) -> None:
+    ) -> int:
+        """Write the stems of ``chunks()`` to ``paths``; return their length in samples."""
         seconds_per_segment = (
             self.engine.segment_samples / self.sample_rate / self.engine.work_factor
         )
@@ -372,6 +391,7 @@ class Separator:
             encoder.join()
             if n_written == 0:
                 raise AudioError(f"{source}: zero-length audio")
+        return n_written
 
 
 #: Most channels :meth:`Separator.separate` accepts in a waveform (more is taken for a
