@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from splitstems.cli.options import EXIT_OK, positive_int
@@ -116,5 +117,5 @@ def run(args: argparse.Namespace) -> int:
             f"interrupted: checkpoint saved at step {result.step}; --resume continues",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (result.stop_signal or signal.SIGINT)  # 130 Ctrl-C, 143, 129 (SIGHUP)
     return EXIT_OK

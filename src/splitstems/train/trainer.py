@@ -64,7 +64,8 @@ class TrainResult:
         step: the last completed (and saved) step.
         losses: step → training loss, for the steps this call ran.
         validation: the validation records (step, loss, SDR per instrument).
-        interrupted: stopped early by Ctrl-C (SIGINT) or SIGTERM, after saving.
+        interrupted: stopped early by Ctrl-C (SIGINT), SIGTERM or SIGHUP, after saving.
+        stop_signal: the number of the signal that stopped it (None: not stopped).
         skipped: songs left out of training or validation, with the reason.
         n_songs: songs listed (training, validation).
         steps_per_second: optimizer steps per second (validation time excluded).
@@ -78,6 +79,7 @@ class TrainResult:
     skipped: list[Skipped] = field(default_factory=list)
     n_songs: tuple[int, int] = (0, 0)
     steps_per_second: float = 0.0
+    stop_signal: int | None = None
 
 
 def spleeter_loss(estimates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -189,23 +191,31 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 class _StopSignal:
-    """The first SIGINT/SIGTERM asks the loop to save and stop; a second SIGINT aborts."""
+    """The first SIGINT, SIGTERM or SIGHUP asks the loop to save and stop.
+
+    A second SIGINT aborts. A signal the process inherited as ignored stays ignored:
+    under ``nohup`` a hang-up does not stop the training.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the first signal received
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
         if threading.current_thread() is threading.main_thread():
-            for name in ("SIGINT", "SIGTERM"):
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):
                 signum = getattr(signal, name, None)
-                if signum is not None:
-                    self._previous[signum] = signal.signal(signum, self._handle)
+                if signum is None or signal.getsignal(signum) in (signal.SIG_IGN, None):
+                    continue  # ignored (nohup), or a handler Python cannot restore
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            self.signum = signum
         self.requested = True
         log.warning("stopping: saving a checkpoint after this step (Ctrl-C again to abort)")
 
@@ -470,6 +480,7 @@ def train(
                     result.step = step
                 if stop.requested and not done:
                     result.interrupted = True
+                    result.stop_signal = stop.signum
                     break
                 if step % options.save_checkpoints_steps == 0 or done:
                     run_validation(step)
