@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from splitstems.config import ModelConfig
-from splitstems.engine import Engine, pick_device
+from splitstems import audio
+from splitstems.config import ModelConfig, load_config
+from splitstems.engine import Engine, overlap_frames, pick_device
+from splitstems.models.fast import fuse_for_inference
 from splitstems.models.unet import SpleeterModel
 
 TINY = ModelConfig(
@@ -111,6 +113,82 @@ def test_overlap_average_extension_still_sums_to_mixture(rng):
 def test_overlap_rejects_bad_values():
     with pytest.raises(ValueError, match="overlap"):
         Engine(SpleeterModel(TINY), TINY, device="cpu", overlap=1.0)
+
+
+@pytest.mark.parametrize("overlap", [0.9991, 0.999, 0.99, 0.9, 0.877, float("nan"), -0.1])
+def test_overlap_whose_step_is_too_small_is_refused(overlap):
+    # T = 512 (2stems): 0.9991 rounded to a step of 0 frames (an endless loop), 0.999 to
+    # one frame (512 times the work). The step must stay >= T/8: overlap <= 0.875.
+    config = load_config("spleeter:2stems")
+    assert config.T == 512
+    with pytest.raises(ValueError, match=r"overlap .*usable range is 0 to 0\.875"):
+        Engine(SpleeterModel(config), config, device="cpu", overlap=overlap)
+
+
+def test_overlap_limits_are_what_the_engine_derives():
+    assert overlap_frames(0.875, 512) == 448  # step 64 = T/8: accepted
+    assert overlap_frames(0.5, 512) == 256
+    assert overlap_frames(0.0, 512) == 0
+    assert overlap_frames(0.5, 4) == 2
+    with pytest.raises(ValueError, match="usable range is 0 to 0.75"):
+        overlap_frames(0.875, 4)  # rounds to 4 of 4 frames: a step of 0
+    with pytest.raises(ValueError, match="0.9991"):
+        overlap_frames(0.9991, 512)
+
+
+@pytest.mark.usefixtures("use_shared_models")
+def test_cli_refuses_an_overlap_with_no_step(tmp_path, capsys):
+    from splitstems.cli.main import main
+
+    song = tmp_path / "song.wav"
+    audio.save(song, np.zeros((4410, 2), np.float32), sample_rate=44100)
+    code = main(["separate", "-o", str(tmp_path / "out"), "--overlap", "0.9991", str(song)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "overlap 0.9991" in err[0] and "0 to 0.875" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    return {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+
+
+def _randomise_batchnorm(model: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("precision", ["fast", "float32"])
+def test_engine_leaves_the_callers_model_unchanged(rng, fuse, precision):
+    torch.manual_seed(0)
+    model = SpleeterModel(TINY).train()  # e.g. in the middle of training
+    _randomise_batchnorm(model)
+    before = _model_state(model)
+    engine = Engine(model, TINY, device="cpu", precision=precision, fuse=fuse)
+    engine.separate(rng.uniform(-0.5, 0.5, (5000, 2)).astype(np.float32))
+    assert model.training
+    after = model.state_dict()
+    for name, (value, pointer) in before.items():
+        assert after[name].dtype == value.dtype and after[name].device == value.device
+        assert after[name].data_ptr() == pointer
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0)
+
+
+def test_engine_leaves_a_fused_model_unchanged(rng):
+    torch.manual_seed(0)
+    fused = fuse_for_inference(SpleeterModel(TINY))
+    x = torch.rand(1, 2, TINY.T, TINY.F)
+    with torch.inference_mode():
+        expected = fused(x)
+    Engine(fused, TINY, device="cpu", precision="fast")  # bfloat16: its own copy
+    assert fused.unets[0].enc_weight[0].dtype == torch.float32
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=0)
 
 
 def _sine_residual(y: np.ndarray, freq: float, rate: int, block: int) -> np.ndarray:

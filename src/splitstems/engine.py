@@ -21,6 +21,8 @@ Two options change what is computed, not how much memory it takes:
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
@@ -35,13 +37,24 @@ from splitstems.models.unet import SpleeterModel
 from splitstems.readahead import prefetch
 from splitstems.wiener import StreamingWiener
 
-__all__ = ["pick_device", "Engine", "PRECISIONS", "prefetch", "OrderedWorker"]
+__all__ = [
+    "pick_device",
+    "Engine",
+    "PRECISIONS",
+    "MIN_STEP",
+    "overlap_frames",
+    "prefetch",
+    "OrderedWorker",
+]
 
 #: Model precisions: "float32" is faithful to the original; "fast" is bfloat16 on the CPU
 #: and float16 on GPUs.
 PRECISIONS = ("float32", "fast")
 #: Longest cross-fade, in STFT frames (~0.74 s at 44.1 kHz), between overlapping segments.
 CROSSFADE_FRAMES = 32
+#: Smallest step between the starts of consecutive segments, as a fraction of a segment
+#: (``overlap`` at most 1 - MIN_STEP = 0.875: at most 8 model runs per frame).
+MIN_STEP = 1 / 8
 #: Test-time shifts delay the input by multiples of ``SHIFT_SPACING / shifts`` samples
 #: (4 STFT hops: the U-Net's strided grid and the segment grid move; measured in the README).
 SHIFT_SPACING = 4096
@@ -72,11 +85,36 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def overlap_frames(overlap: float, n_frames: int) -> int:
+    """Frames by which consecutive ``n_frames``-frame segments overlap (checked).
+
+    Segments start ``n_frames - overlap_frames`` frames apart. That step must be at least
+    ``n_frames * MIN_STEP`` frames (and one frame): at most ``1 / MIN_STEP`` model runs
+    per frame of input. Without the bound an overlap near 1 rounds to a step of zero (an
+    endless loop) or of one frame (hundreds of times the work), while every frame is
+    already taken from the segment where it lies most centrally at far smaller overlaps
+    (see :meth:`Engine.segment_weights`).
+
+    Raises:
+        ValueError: ``overlap`` outside the usable range, which the message gives.
+    """
+    min_step = max(1, math.ceil(n_frames * MIN_STEP))
+    largest = (n_frames - min_step) / n_frames
+    frames = round(overlap * n_frames) if math.isfinite(overlap) else -1
+    if not 0.0 <= overlap < 1.0 or not 0 <= frames <= n_frames - min_step:
+        raise ValueError(
+            f"overlap {overlap:g}: the usable range is 0 to {largest:g} (segments of "
+            f"{n_frames} frames must start at least {min_step} frames apart)"
+        )
+    return frames
+
+
 class Engine:
     """Streams a waveform through a Spleeter model, segment by segment.
 
     Args:
-        model: the model, already loaded with weights (or its fused inference form).
+        model: the model, already loaded with weights (or its fused inference form). The
+            engine computes with its own copy: the caller's model is not changed.
         config: its configuration (STFT parameters, ``T``, ``F``, mask extension).
         device: where to compute (see :func:`pick_device`).
         batch_segments: how many ``T``-frame segments go through the model at once.
@@ -84,7 +122,8 @@ class Engine:
         precision: "float32" (faithful, the default) or "fast" (bfloat16 on the CPU,
             float16 on GPUs; masks, STFT and iSTFT stay float32).
         overlap: fraction of a segment by which consecutive segments overlap (0 = the
-            original's grid); see :meth:`segment_weights` for how they are joined.
+            original's grid; at most ``1 - MIN_STEP`` = 0.875, see :func:`overlap_frames`);
+            see :meth:`segment_weights` for how they are joined.
         fuse: run the fused inference form of the model (:mod:`splitstems.models.fast`);
             False runs the plain modules (the reference, slower).
         mwf: multichannel Wiener filter (norbert's, as the original's ``--mwf``) instead
@@ -120,14 +159,13 @@ class Engine:
         self.dtype = torch.float32
         if precision == "fast":
             self.dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
-        if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        self.overlap_frames = round(overlap * config.T)
-        if isinstance(model, FastSpleeterModel) or not fuse:
-            network = model.eval()
+        self.overlap_frames = overlap_frames(overlap, config.T)
+        # The engine's own copy: the caller's model keeps its mode, dtype and device.
+        if isinstance(model, SpleeterModel) and fuse:
+            network = fuse_for_inference(model)  # new tensors; the model is not changed
         else:
-            network = fuse_for_inference(model)
-        self.model = network.to(device=self.device, dtype=self.dtype)
+            network = copy.deepcopy(model)
+        self.model = network.eval().to(device=self.device, dtype=self.dtype)
         self.batch_segments = max(1, int(batch_segments))
         self.mask_extension = mask_extension or config.mask_extension
         self.window = dsp.hann_window(config.frame_length, device=self.device)

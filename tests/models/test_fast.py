@@ -54,3 +54,17 @@ def test_fused_model_moves_with_to():
     with torch.inference_mode():
         out = fast(torch.rand(1, 2, 64, 64, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_fusing_leaves_the_model_alone():
+    # The training flag stays, and no fused tensor is a view of a model parameter (a
+    # later in-place change of one could not reach the other).
+    model = SpleeterModel(load_config("spleeter:2stems")).train()
+    fast = fuse_for_inference(model)
+    assert model.training
+    storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    for unet in fast.unets:
+        tensors = [*unet.enc_weight, *unet.enc_bias, *unet.dec_weight, *unet.dec_bias]
+        tensors += [unet.out_weight, unet.out_bias]
+        tensors += [t for pair in (*unet.enc_bn, *unet.dec_bn) for t in pair]
+        assert all(t.untyped_storage().data_ptr() not in storages for t in tensors)

@@ -93,9 +93,8 @@ class FastUNet(nn.Module):
     def __init__(self, unet: UNet) -> None:
         super().__init__()
         cl = torch.channels_last
-        self.enc_weight = [
-            b.conv.weight.detach().contiguous(memory_format=cl) for b in unet.encoder
-        ]
+        # Copies (clone), never views: the fused model shares no storage with the U-Net.
+        self.enc_weight = [b.conv.weight.detach().clone(memory_format=cl) for b in unet.encoder]
         self.enc_bias = [b.conv.bias.detach().clone() for b in unet.encoder]
         self.enc_bn = [_bn_affine(b.bn) for b in unet.encoder]
         self.enc_act = _activation(unet.encoder[0].act)
@@ -109,7 +108,7 @@ class FastUNet(nn.Module):
             tuple(t.repeat_interleave(4, dim=0) for t in _bn_affine(b.bn)) for b in unet.decoder
         ]
         self.dec_act = _activation(unet.decoder[0].act)
-        self.out_weight = unet.output.weight.detach().contiguous(memory_format=cl)
+        self.out_weight = unet.output.weight.detach().clone(memory_format=cl)
         self.out_bias = unet.output.bias.detach().clone()
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - keep plain tensor lists on device
@@ -190,5 +189,9 @@ class FastSpleeterModel(nn.Module):
 
 @torch.no_grad()
 def fuse_for_inference(model: SpleeterModel) -> FastSpleeterModel:
-    """Return the inference form of a loaded model (the model itself is not changed)."""
-    return FastSpleeterModel(model.eval()).eval()
+    """Return the inference form of a loaded model.
+
+    The model itself is not changed (not even its training flag) and shares no tensor
+    with the result: BatchNorm is fused from its running statistics, as in eval mode.
+    """
+    return FastSpleeterModel(model).eval()
