@@ -12,8 +12,15 @@ The audio layer of splitstems: the rest of the library only sees numpy waveforms
   as Spleeter's ``to_stereo`` does).
 - Other sample rates are resampled with soxr (``"HQ"``); ``offset`` and ``duration``
   cut the source at sample ``round(offset * source_rate)`` before resampling.
+- Damaged input: a file that decodes more than :data:`LENGTH_TOLERANCE` shorter than
+  the exact length its container gives is an error ("truncated", both lengths) when it
+  is read to its end; NaN and ±inf samples become 0, with one warning per file
+  (:class:`NonFinite`).
 - Every write goes to a hidden ``.part`` file in the destination directory that is
-  renamed over the destination only once it is complete.
+  renamed over the destination only once it is complete; the ``.part`` files of
+  killed runs are removed (:func:`splitstems.files.remove_stale_temps`).
+- Lossy bitrates are checked against what each encoder really does
+  (:func:`bitrate_range`): LAME never exceeds 320k, so 500k is an error, not a cap.
 
 Errors: failures raise :class:`~splitstems.errors.AudioError` (reading, encoding) or
 :class:`~splitstems.errors.OutputError` (the destination cannot be written) with a
@@ -56,6 +63,8 @@ __all__ = [
 #: Output codecs :func:`save` and :class:`AudioWriter` know (also the file suffixes).
 CODECS = ("wav", "flac", "mp3", "ogg", "m4a", "wma")
 
+# Decoded samples are converted, checked and handed on this many at a time.
+_BLOCK_SAMPLES = 16384
 # Offsets below this are reached by decoding from the start and dropping samples; from
 # here on the demuxer seeks first (only where timestamps are sample-exact, see _can_seek).
 _SEEK_MIN_OFFSET = 10.0
@@ -200,22 +209,34 @@ def probe(path: str | os.PathLike[str], *, stream: int = 0) -> AudioInfo:
         )
 
 
-def _frame_to_array(frame: av.AudioFrame) -> np.ndarray:
-    """Convert a decoded frame to float32 ``(n_samples, n_channels)``; integer PCM exactly."""
+def _frame_samples(frame: av.AudioFrame) -> np.ndarray:
+    """Return the samples of a decoded frame as ``(n_samples, n_channels)``, not converted.
+
+    A view of the frame's memory where possible: :func:`_convert_into` copies it out.
+    """
     data = frame.to_ndarray()
-    n_channels = frame.layout.nb_channels
-    data = data.T if frame.format.is_planar else data.reshape(-1, n_channels)
-    kind = data.dtype
-    if kind == np.float32:
-        return data.astype(np.float32, copy=True)
-    if kind == np.int16:
-        return data.astype(np.float32) / np.float32(32768)  # exact: int16 / 2**15
-    if kind == np.uint8:
-        return (data.astype(np.float32) - np.float32(128)) / np.float32(128)
-    if kind.kind == "i":
-        scale = float(2 ** (8 * kind.itemsize - 1))
-        return (data.astype(np.float64) / scale).astype(np.float32)
-    return data.astype(np.float32)
+    return data.T if frame.format.is_planar else data.reshape(-1, frame.layout.nb_channels)
+
+
+def _convert_into(samples: np.ndarray, out: np.ndarray) -> None:
+    """Write ``samples`` into float32 ``out`` (same shape); integer PCM exactly.
+
+    16-bit samples become ``int16 / 32768``, 24-bit (in 32) and 32-bit ``int32 / 2**31``
+    rounded once to float32, unsigned 8-bit ``(x - 128) / 128``. The scales are powers
+    of two: scaling before or after the rounding gives the same floats.
+    """
+    kind = samples.dtype
+    if kind.kind == "f":
+        out[...] = samples
+    elif kind == np.int16:
+        np.multiply(samples, np.float32(2.0**-15), out=out)
+    elif kind == np.uint8:
+        np.subtract(samples, np.float32(128), out=out)
+        out *= np.float32(2.0**-7)
+    elif kind.kind == "i":  # in float64, then rounded once
+        np.multiply(samples, 2.0 ** (1 - 8 * kind.itemsize), out=out, casting="same_kind")
+    else:
+        out[...] = samples
 
 
 class _DecodeLog:
@@ -283,7 +304,6 @@ def to_channels(name: str, data: np.ndarray, n_channels: int) -> np.ndarray:
 #: container gives before the file counts as truncated (codec priming and padding
 #: are ~50 ms).
 LENGTH_TOLERANCE = 0.1
-_FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})
 
 
 def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
@@ -399,7 +419,7 @@ def _exact_samples(
 class NonFinite:
     """Replace NaN and ±inf by 0 in the successive pieces of one audio, counting them.
 
-    :meth:`clean` costs one dot product per piece when everything is finite (the
+    :meth:`clean` costs one sum per piece when everything is finite (the
     piece itself is returned, never copied); otherwise it returns a copy with zeros
     in place of the non-finite samples. :meth:`report` then logs one warning for the
     whole audio, e.g. ``"song.wav: 3 non-finite samples replaced by 0 (first at
@@ -423,11 +443,11 @@ class NonFinite:
         """
         flat = data.ravel(order="K")  # a view of any contiguous array
         with np.errstate(all="ignore"):
-            if not flat.size or math.isfinite(float(np.dot(flat, flat))):
+            if not flat.size or math.isfinite(float(np.add.reduce(flat))):
                 return data
         bad = ~np.isfinite(data)
         n_bad = int(np.count_nonzero(bad))
-        if not n_bad:  # finite, but so large that the sum of squares overflowed
+        if not n_bad:  # finite, but so large that their sum overflowed
             return data
         if self.first is None:
             row = int(np.flatnonzero(bad.reshape(len(data), -1).any(axis=1))[0])
@@ -531,22 +551,38 @@ class _Source:
         else:
             position, frames = sought
         decoded = 0
+        # Frames are small (~1000 samples): samples are converted into blocks of
+        # _BLOCK_SAMPLES, then checked for NaN and mapped to n_channels once per block.
+        block: np.ndarray | None = None
+        filled = block_start = 0
         for frame in frames:
             if frame.sample_rate != self.rate:
                 raise AudioError(f"{self.name}: sample rate changes mid-stream")
-            data = _frame_to_array(frame)
-            begin, position = position, position + len(data)
-            decoded += len(data)
+            samples = _frame_samples(frame)
+            begin, position = position, position + len(samples)
+            decoded += len(samples)
             lo = max(self.start - begin, 0)
-            hi = len(data) if self.stop is None else min(self.stop - begin, len(data))
-            if hi > lo:
-                piece = data[lo:hi]
-                if frame.format.name in _FLOAT_FORMATS:  # integer PCM is always finite
-                    piece = non_finite.clean(piece, begin + lo)
-                yield to_channels(self.name, piece, n_channels)
+            hi = len(samples) if self.stop is None else min(self.stop - begin, len(samples))
+            if block is not None and hi > lo and samples.shape[1] != block.shape[1]:
+                yield self._finish(block[:filled], block_start, non_finite, n_channels)
+                block, filled = None, 0  # the layout changed mid-stream
+            while hi > lo:
+                if block is None:
+                    block = np.empty((_BLOCK_SAMPLES, samples.shape[1]), np.float32)
+                    filled, block_start = 0, begin + lo
+                take = min(_BLOCK_SAMPLES - filled, hi - lo)
+                _convert_into(samples[lo : lo + take], block[filled : filled + take])
+                filled, lo = filled + take, lo + take
+                if filled == _BLOCK_SAMPLES:
+                    yield self._finish(block, block_start, non_finite, n_channels)
+                    block, filled = None, 0
             if self.stop is not None and position >= self.stop:
-                self._done(non_finite)
-                return
+                break
+        if block is not None and filled:
+            yield self._finish(block[:filled], block_start, non_finite, n_channels)
+        if self.stop is not None and position >= self.stop:  # not read to the end
+            self._done(non_finite)
+            return
         if decoded == 0:  # only possible without a seek
             if log.error is not None:
                 raise AudioError(f"{self.name}: no audio decoded ({log.error})")
@@ -567,6 +603,12 @@ class _Source:
                 f"{self.name}: truncated: decodes to {decoded / self.rate:.3f} s "
                 f"of the {expected / self.rate:.3f} s its header gives"
             )
+
+    def _finish(
+        self, block: np.ndarray, start: int, non_finite: NonFinite, n_channels: int
+    ) -> np.ndarray:
+        """``block`` (samples from ``start`` on) without NaN/inf, with ``n_channels``."""
+        return to_channels(self.name, non_finite.clean(block, start), n_channels)
 
     def _done(self, non_finite: NonFinite) -> None:
         if self.warn:

@@ -11,7 +11,8 @@ id in the name lets a later run recognise the leftovers of a process that was ki
 before it could clean up (SIGKILL, power loss): :func:`remove_stale_temps` deletes the
 temp files of a target whose process is gone. Liveness is checked with ``kill(pid, 0)``
 on this machine: two hosts writing into one shared folder (NFS) at the same time may
-see each other's live temp files as stale.
+see each other's live temp files as stale. A dead writer's id reused by a new process
+only keeps its leftover a while longer: a live writer's file is never removed.
 """
 
 from __future__ import annotations
