@@ -38,6 +38,7 @@ __all__ = [
     "BatchReport",
     "expand_inputs",
     "record_path",
+    "run_settings",
     "separate_files",
 ]
 
