@@ -497,6 +497,18 @@ def test_complete_files_are_never_called_truncated(
             assert len(load(path, stream=index)) > SR
 
 
+@pytest.mark.parametrize("size", [0, 0x7FFFF000, 0xFFFFFFFF])
+def test_a_wav_written_to_a_pipe_is_not_truncated(tmp_path: Path, size: int) -> None:
+    # Writers that cannot seek back leave a placeholder data size (FFmpeg, SoX)
+    x = _int16_exact(44100)
+    save(tmp_path / "x.wav", x, sample_rate=SR)
+    data = bytearray((tmp_path / "x.wav").read_bytes())
+    at = data.index(b"data") + 4
+    data[at : at + 4] = size.to_bytes(4, "little")
+    (tmp_path / "piped.wav").write_bytes(bytes(data))
+    np.testing.assert_array_equal(load(tmp_path / "piped.wav"), x)
+
+
 @pytest.mark.parametrize(
     ("codec", "cut", "decoded"),
     [

@@ -322,6 +322,11 @@ def _skip_id3(f: BinaryIO) -> int:
     return 10 + size + (10 if head[5] & 0x10 else 0)
 
 
+# Data sizes that mean "unknown" in WAVs written to pipes: FFmpeg leaves 0xFFFFFFFF,
+# SoX writes 0x7FFFF000 (some others 0 or anything above it).
+_WAV_UNKNOWN_SIZE = 0x7FFFF000
+
+
 def _wav_samples(f: BinaryIO) -> int | None:
     """Sample frames a PCM WAV's ``data`` chunk announces (RIFF or RF64)."""
     head = _read_at(f, 0, 12)
@@ -345,7 +350,7 @@ def _wav_samples(f: BinaryIO) -> int | None:
         elif kind == b"data":
             if rf64 and size == 0xFFFFFFFF:
                 size = big_size or 0
-            elif size == 0xFFFFFFFF:  # written by a stream that never came back to it
+            elif size >= _WAV_UNKNOWN_SIZE:  # written to a pipe: the length was not known
                 size = 0
             return size // block_align if size and block_align else None
         offset += 8 + size + (size & 1)
