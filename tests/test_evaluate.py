@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -421,3 +429,157 @@ def test_summary_is_median_over_frames_then_tracks():
     assert summary.tracks["a"]["vocals"]["SDR"] == 1.5
     assert summary.scores["vocals"]["SDR"] == 1.5  # median of 1.5, 7, 0
     assert "| vocals | 1.50 |" in summary.table()
+
+
+def test_an_interrupt_keeps_finished_results_and_ends_the_scoring_threads(tmp_path, rng):
+    truth = {name: write_hq_track(tmp_path, name, rng) for name in ("A", "B", "C")}
+    out = tmp_path / "out"
+    log: list[str] = []
+    separate = _noise_separator(truth, log)
+
+    def stopped_at_c(mix: np.ndarray) -> dict[str, np.ndarray]:
+        if len(log) == 2:  # A is scored (one job at a time), B maybe
+            raise KeyboardInterrupt
+        return separate(mix)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(stopped_at_c, tmp_path, out, progress=False)
+    for thread in threading.enumerate():  # the fast backend's threads stop at their next step
+        if thread.name.startswith("splitstems-eval"):
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+    done = json.loads((out / "test.settings.json").read_text())["done"]
+    assert done[0] == "A" and "C" not in done
+    assert sorted(p.stem for p in (out / "test").glob("*.json")) == done
+    log.clear()
+    summary = evaluate(separate, tmp_path, out, progress=False, resume=True)
+    assert summary.resumed == done and log == [n for n in "ABC" if n not in done]
+    assert sorted(summary.tracks) == ["A", "B", "C"] and not summary.failed
+
+
+def test_a_killed_scoring_process_is_replaced(tmp_path, rng):
+    pytest.importorskip("museval")
+    truth = {name: write_hq_track(tmp_path, name, rng) for name in ("A", "B", "C")}
+    log: list[str] = []
+    separate = _noise_separator(truth, log)
+    killed: list[int] = []
+
+    def separate_and_kill(mix: np.ndarray) -> dict[str, np.ndarray]:
+        estimates = separate(mix)
+        if len(log) == 2:  # as the kernel does when memory runs out, while A is scored
+            for worker in multiprocessing.active_children():
+                worker.kill()
+                worker.join()
+                killed.append(worker.exitcode)
+        return estimates
+
+    summary = evaluate(separate_and_kill, tmp_path, tmp_path / "out", backend="museval", jobs=1)
+    assert killed == [-signal.SIGKILL]
+    assert summary.failed == {} and sorted(summary.tracks) == ["A", "B", "C"]
+
+
+def _musdb_with_a_long_track(root: Path, musdb: Path, seconds: float) -> None:
+    """Two previews (links) around a long MUSDB18-HQ track (a preview repeated)."""
+    test = root / "test"
+    (test / "B long").mkdir(parents=True)
+    (test / "A short.stem.mp4").symlink_to(musdb / "test" / "BKS - Too Much.stem.mp4")
+    (test / "C short.stem.mp4").symlink_to(musdb / "test" / "Hollow Ground - Ill Fate.stem.mp4")
+    preview = find_tracks(musdb, "test", names=["Buitraker - Revo X"])[0]
+    n = int(seconds * 44100)
+    for name in ("mixture", "drums", "bass", "other", "vocals"):
+        x = preview.load(name)
+        audio.save(test / "B long" / f"{name}.wav", np.resize(x, (n, 2)), sample_rate=44100)
+
+
+class _Evaluation:
+    """``splitstems evaluate --verbose`` in a session of its own; stderr read as it comes."""
+
+    def __init__(self, env: dict[str, str], *args: object) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "splitstems", "evaluate", "--verbose", *map(str, args)],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def wait_for(self, ready: Callable[[], bool]) -> None:
+        for _ in range(6000):  # 5 minutes
+            if ready():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.proc.kill()
+        raise AssertionError(f"never ready: {self.finish()}")
+
+    def finish(self) -> tuple[int, str, list[str]]:
+        """Wait for the end; return the exit code, stdout and stderr without log lines."""
+        try:
+            code = self.proc.wait(timeout=600)
+        finally:
+            self.proc.kill()
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout.read()
+        self.reader.join()
+        return code, stdout, [line for line in self.lines if not line.startswith("INFO:")]
+
+    def stop(self, signum: int, *, group: bool = False) -> tuple[int, str, list[str], float]:
+        """Send ``signum`` (to the whole process group, as a terminal's Ctrl-C does)."""
+        start = time.monotonic()
+        if group:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
+        code, stdout, stderr = self.finish()
+        return code, stdout, stderr, time.monotonic() - start
+
+
+# museval scores the 50 s track in 10 s on an idle machine, 20-40 s on a loaded one; stopped,
+# evaluate ends in 0.3-0.4 s (2 cores, load 10): the bound proves it waits for no job
+STOPS_WITHIN_S = 5.0
+
+
+@pytest.mark.slow
+def test_a_signal_while_museval_scores_ends_evaluate_at_once(musdb, tmp_path, model_env):
+    pytest.importorskip("museval")
+    _musdb_with_a_long_track(tmp_path / "mus", musdb, seconds=50)
+    out = tmp_path / "out"
+    args = ("--mus_dir", tmp_path / "mus", "-o", out, "--backend", "museval", "--jobs", "2")
+    record = out / "test.settings.json"
+
+    def recorded() -> list[str]:
+        with contextlib.suppress(OSError):
+            return json.loads(record.read_text())["done"]
+        return []
+
+    # SIGTERM while the long track is scored, once the first one's result is recorded
+    run = _Evaluation(model_env, *args)
+    run.wait_for(lambda: run.logged("B long: scoring") and "A short" in recorded())
+    code, stdout, stderr, seconds = run.stop(signal.SIGTERM)
+    assert (code, stdout, stderr) == (143, "", ["terminated"]) and seconds < STOPS_WITHIN_S
+    assert "A short" in recorded() and "B long" not in recorded()
+    # Ctrl-C in a terminal: SIGINT to the process group, museval's workers included
+    run = _Evaluation(model_env, *args, "--resume")
+    run.wait_for(lambda: run.logged("B long: scoring"))
+    code, stdout, stderr, seconds = run.stop(signal.SIGINT, group=True)
+    assert (code, stdout, stderr) == (130, "", ["interrupted"]) and seconds < STOPS_WITHIN_S
+    assert not run.logged("A short: scoring")  # kept from the first run
+    # and resumed to the end
+    code, stdout, stderr = _Evaluation(model_env, *args, "--resume").finish()
+    assert code == 0 and stderr == [] and "| vocals |" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert "A short" in summary["resumed"] and not summary["failed"]
+    assert sorted(summary["tracks"]) == ["A short", "B long", "C short"]

@@ -27,12 +27,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +54,8 @@ from splitstems import audio
 from splitstems.errors import OutputError, SplitstemsError
 from splitstems.files import atomic_write
 from splitstems.metrics import METRICS, TARGET_ORDER, check_backend, score_targets
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SOURCES",
@@ -326,6 +338,117 @@ def _loaded(tracks: Sequence[Track]) -> Iterator[tuple[Track, _Loaded | Splitste
             yield track, exc
 
 
+class _Scoring:
+    """The scoring jobs of one evaluation, beside the separation of the next tracks.
+
+    The fast backend runs in threads (torch and numpy release the GIL) and stops at its
+    next step once :attr:`stop` is set. museval's backend runs in worker processes: it is
+    mostly Python, so threads would take turns on the GIL, and a process can be ended in
+    the middle of a track. Workers are started with SIGINT blocked and ignore it: a
+    Ctrl-C in a terminal (sent to the whole process group) is this process's to handle.
+    """
+
+    def __init__(self, backend: str, jobs: int, device: torch.device | str | None) -> None:
+        self.backend = backend
+        self.jobs = max(1, jobs)
+        self.device = device
+        self.stop = threading.Event()
+        self.pool = self._start()
+        self._jobs: dict[Future[dict[str, Any]], tuple[dict[str, np.ndarray], ...]] = {}
+
+    def _start(self) -> Executor:
+        if self.backend != "museval":
+            return ThreadPoolExecutor(self.jobs, thread_name_prefix="splitstems-eval")
+        return ProcessPoolExecutor(
+            self.jobs,
+            mp_context=multiprocessing.get_context("spawn"),  # this process has threads
+            initializer=signal.signal,
+            initargs=(signal.SIGINT, signal.SIG_IGN),
+        )
+
+    def warm_up(self) -> None:
+        """Start museval's workers now: they import it while the first track separates."""
+        if isinstance(self.pool, ProcessPoolExecutor):
+            for _ in range(self.jobs):
+                self._submit(self.pool, check_backend, self.backend)
+
+    @staticmethod
+    def _submit(pool: Executor, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Submit to a process pool; a worker it starts inherits SIGINT blocked."""
+        if not hasattr(signal, "pthread_sigmask"):
+            return pool.submit(fn, *args, **kwargs)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return pool.submit(fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def submit(
+        self, estimates: dict[str, np.ndarray], references: dict[str, np.ndarray]
+    ) -> Future[dict[str, Any]]:
+        """Start scoring one track (:func:`splitstems.metrics.score_targets`)."""
+        if self.backend != "museval":
+            return self.pool.submit(
+                score_targets,
+                estimates,
+                references,
+                sample_rate=SAMPLE_RATE,
+                backend=self.backend,
+                device=self.device,
+                stop=self.stop,
+            )
+        args = (score_targets, estimates, references)
+        kwargs = {"sample_rate": SAMPLE_RATE, "backend": self.backend}
+        try:
+            future = self._submit(self.pool, *args, **kwargs)
+        except BrokenExecutor:  # a worker died (e.g. killed for memory): new workers
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._start()
+            future = self._submit(self.pool, *args, **kwargs)
+        self._jobs[future] = (estimates, references)
+        return future
+
+    def result(self, future: Future[dict[str, Any]]) -> dict[str, Any]:
+        """Wait for a job's scores.
+
+        A job whose worker process died (killed for memory, or a job beside it was) runs
+        once more, on new workers; a second death raises :class:`BrokenExecutor`.
+        """
+        job = self._jobs.pop(future, None)
+        try:
+            return future.result()
+        except BrokenExecutor:
+            if job is None:
+                raise
+            log.warning("a scoring process ended unexpectedly (out of memory?); scoring again")
+            again = self.submit(*job)
+            self._jobs.pop(again)
+            return again.result()
+
+    def close(self) -> None:
+        """Wait for the workers to end (every job has been collected)."""
+        self.pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Cancel the queued jobs and end the running ones, without waiting for them.
+
+        museval's workers are terminated; the fast backend's threads (which cannot be
+        killed) stop at their next step: one FFT, solve or batch of windows.
+        """
+        self.stop.set()
+        self._jobs.clear()
+        if not isinstance(self.pool, ProcessPoolExecutor):
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            return
+        # ProcessPoolExecutor has no public way to end its workers before Python 3.14
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            process.terminate()
+        # Its manager thread sees the workers gone, fails their jobs and closes its queues
+        # (at once: it stops writing to them); else the resource tracker would print
+        # warnings about their semaphores after this process has ended.
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass
 class _RunRecord:
     """What the per-track results in ``<out>/<subset>`` were computed with, and which.
@@ -510,8 +633,10 @@ def evaluate(
         tracks: only these track names.
         backend: "fast" (:func:`splitstems.metrics.bss_eval`) or "museval" (museval
             itself, slower).
-        jobs: tracks scored at the same time, in threads, while the next tracks are
-            decoded and separated (torch and the decoders release the GIL).
+        jobs: tracks scored at the same time while the next tracks are decoded and
+            separated: in threads for the fast backend (torch and numpy release the
+            GIL), in worker processes for museval's (started with ``spawn``: a script
+            calling this needs the usual ``if __name__ == "__main__":`` guard).
         device: where the torch metrics are computed (default: CPU, float64).
         progress: show a progress bar (tqdm, on stderr).
         settings: recorded in the summary (what was evaluated).
@@ -531,6 +656,12 @@ def evaluate(
     Returns:
         The :class:`Summary`; instruments without a truth (piano) are listed in
         ``unscored``, tracks that failed in ``failed`` (name → message).
+
+    Stopped by an exception (``KeyboardInterrupt`` from Ctrl-C, or one raised by
+    ``separate``), it cancels the queued scoring jobs and re-raises without waiting for
+    the running ones: museval's workers are terminated, the fast backend's threads stop
+    at their next step (a fraction of a second) in the background. Results finished by
+    then are saved and recorded first, so that ``resume`` goes on from there.
     """
     from tqdm.auto import tqdm
 
@@ -559,6 +690,8 @@ def evaluate(
     start = time.perf_counter()
     failed: dict[str, str] = {}
     pending: list[tuple[Track, Future[dict[str, Any]]]] = []
+    todo = [t for t in selected if t.name not in results]
+    scoring = _Scoring(backend, jobs, device)
     bar = tqdm(total=len(selected), unit="track", disable=not progress, desc="evaluate")
     resumed = list(results)
     bar.update(len(resumed))
@@ -575,54 +708,73 @@ def evaluate(
             with tqdm.external_write_mode(file=sys.stderr):
                 on_failure(track, message)
 
-    def collect(limit: int) -> None:
-        while len(pending) > limit:
-            track, future = pending.pop(0)
+    def finish(track: Track, future: Future[dict[str, Any]]) -> None:
+        """Save the result of a finished job (waiting for it), or fail its track."""
+        try:
+            scores = scoring.result(future)
+        except (SplitstemsError, ValueError) as exc:
+            fail(track, exc)
+            return
+        except BrokenExecutor:
+            fail(track, SplitstemsError("its scoring process ended unexpectedly, twice (memory?)"))
+            return
+        if record is not None:
+            path = record.result_path(track.name)
             try:
-                scores = future.result()
+                atomic_write(path, json.dumps(scores, indent=2, allow_nan=True))
+            except OSError as exc:
+                fail(track, _cannot_write(path, exc))
+                return
+            try:
+                record.unscored = sorted(unscored)
+                record.add(track.name, scores)
+            except OSError as exc:
+                fail(track, _cannot_write(record.path, exc))
+                return
+        results[track.name] = scores
+        bar.update(1)
+        bar.set_postfix_str(f"{track.name[:20]}: {_postfix(scores)}", refresh=False)
+
+    def collect(limit: int) -> None:
+        """Save the finished jobs; wait for the oldest while more than ``limit`` run."""
+        for item in [p for p in pending if p[1].done()]:
+            pending.remove(item)
+            finish(*item)
+        while len(pending) > limit:
+            finish(*pending.pop(0))
+
+    loader = prefetch(_loaded(todo), depth=1)
+    try:
+        if todo:
+            scoring.warm_up()
+        for track, loaded in loader:
+            bar.set_description_str(f"evaluate {track.name[:30]}")
+            try:
+                if isinstance(loaded, SplitstemsError):
+                    raise loaded
+                mixture, sources = loaded
+                estimates = separate(mixture)
             except (SplitstemsError, ValueError) as exc:
                 fail(track, exc)
                 continue
-            if record is not None:
-                path = record.result_path(track.name)
-                try:
-                    atomic_write(path, json.dumps(scores, indent=2, allow_nan=True))
-                except OSError as exc:
-                    fail(track, _cannot_write(path, exc))
-                    continue
-                try:
-                    record.unscored = sorted(unscored)
-                    record.add(track.name, scores)
-                except OSError as exc:
-                    fail(track, _cannot_write(record.path, exc))
-                    continue
-            results[track.name] = scores
-            bar.update(1)
-            bar.set_postfix_str(f"{track.name[:20]}: {_postfix(scores)}", refresh=False)
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="splitstems-eval") as pool:
-        try:
-            todo = [t for t in selected if t.name not in results]
-            for track, loaded in prefetch(_loaded(todo), depth=1):
-                bar.set_description_str(f"evaluate {track.name[:30]}")
-                try:
-                    if isinstance(loaded, SplitstemsError):
-                        raise loaded
-                    mixture, sources = loaded
-                    estimates = separate(mixture)
-                except (SplitstemsError, ValueError) as exc:
-                    fail(track, exc)
-                    continue
-                unscored.update(k for k in estimates if reference_for(k, sources) is None)
-                scored = {
-                    k: v for k, v in estimates.items() if reference_for(k, sources) is not None
-                }
-                future = pool.submit(score_track, scored, sources, backend=backend, device=device)
-                pending.append((track, future))
-                collect(max(1, jobs))
-            collect(0)
-        finally:
-            bar.close()
+            references = _references(estimates, sources)
+            unscored.update(k for k in estimates if k not in references)
+            scored = {k: v for k, v in estimates.items() if k in references}
+            log.info("%s: scoring (%s backend)", track.name, backend)
+            pending.append((track, scoring.submit(scored, references)))
+            collect(max(1, jobs))
+        collect(0)
+    except BaseException:  # Ctrl-C, SIGTERM, a bug: no waiting for the scoring jobs
+        scoring.abandon()
+        # keep what was scored already: a resumed run does not redo it
+        for item in [p for p in pending if _succeeded(p[1])]:
+            with contextlib.suppress(Exception):
+                finish(*item)
+        raise
+    finally:
+        loader.close()
+        bar.close()
+    scoring.close()
     summary = summarize({t.name: results[t.name] for t in selected if t.name in results})
     summary.unscored = sorted(unscored)
     summary.failed = dict(sorted(failed.items()))
@@ -636,6 +788,11 @@ def evaluate(
         except OSError as exc:
             summary.write_error = str(_cannot_write(path, exc))
     return summary
+
+
+def _succeeded(future: Future[Any]) -> bool:
+    """Whether ``future`` has finished with a result (not failed, not cancelled)."""
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _nan_to_none(value: Any) -> Any:
