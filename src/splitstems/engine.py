@@ -22,7 +22,9 @@ Two options change what is computed, not how much memory it takes:
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
@@ -32,6 +34,17 @@ import torch
 
 from splitstems import dsp
 from splitstems.config import ModelConfig
+from splitstems.device import (
+    MapUNets,
+    ThreadPlan,
+    UNetWorkers,
+    baseline_threads,
+    check_threads,
+    load_meter,
+    pick_device,
+    plan_threads,
+    set_threads,
+)
 from splitstems.models.fast import FastSpleeterModel, fuse_for_inference
 from splitstems.models.unet import SpleeterModel
 from splitstems.readahead import prefetch
@@ -47,6 +60,8 @@ __all__ = [
     "OrderedWorker",
 ]
 
+log = logging.getLogger(__name__)
+
 #: Model precisions: "float32" is faithful to the original; "fast" is bfloat16 on the CPU
 #: and float16 on GPUs.
 PRECISIONS = ("float32", "fast")
@@ -61,28 +76,6 @@ SHIFT_SPACING = 4096
 
 #: What :meth:`Engine.stream` reads: chunks, or (for several passes) a callable opening them.
 ChunkSource = Iterable[np.ndarray] | Callable[[], Iterable[np.ndarray]]
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """Return the torch device for ``name`` ("cpu", "cuda", "cuda:1", "mps" or None=auto).
-
-    Auto picks CUDA when available, then Apple MPS, else the CPU.
-    """
-    if name and name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {name!r} requested but Apple MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def overlap_frames(overlap: float, n_frames: int) -> int:
@@ -134,6 +127,12 @@ class Engine:
             about 0.08 dB vocals SDR over 1 on MUSDB18 previews (README, results).
         shifts: average the separations of the input delayed by ``k * SHIFT_SPACING /
             shifts`` samples, ``k = 0 .. shifts-1`` (1 = no averaging, the original).
+        threads: CPU threads (torch's intra-op threads; process-wide). None: chosen for
+            each separation from the CPUs this process may use and how busy other
+            processes keep them (see :mod:`splitstems.device`); ``OMP_NUM_THREADS``,
+            when set, counts as given. A number: exactly that many, never adapted.
+        unet_workers: run the U-Nets (one per instrument) side by side in this many
+            threads; None: only when other processes keep CPUs busy.
     """
 
     def __init__(
@@ -151,7 +150,16 @@ class Engine:
         mwf_iterations: int = 1,
         mwf_exponent: float = 1.0,
         shifts: int = 1,
+        threads: int | None = None,
+        unet_workers: int | None = None,
     ) -> None:
+        self._threads = check_threads(threads)
+        if self._threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+            self._threads = baseline_threads()  # the user's choice: keep it
+        self._unet_workers = check_threads(unet_workers)
+        self._baseline = baseline_threads()
+        set_threads(self.threads)
+        load_meter()  # from now on, the load of other processes is watched
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.config = config
@@ -179,6 +187,21 @@ class Engine:
         self.mwf_iterations = int(mwf_iterations)
         self.mwf_exponent = float(mwf_exponent)
         self.shifts = int(shifts)
+
+    @property
+    def threads(self) -> int:
+        """The threads given, else the threads of an idle machine (see :meth:`thread_plan`)."""
+        return self._threads or self._baseline
+
+    def thread_plan(self) -> ThreadPlan:
+        """Choose the threads of the next separation (load since the previous choice)."""
+        return plan_threads(
+            usable=self._baseline,
+            others=None if self._threads else load_meter().others(),
+            n_unets=len(self.instruments),
+            threads=self._threads,
+            unet_workers=self._unet_workers,
+        )
 
     @property
     def n_passes(self) -> int:
@@ -234,17 +257,42 @@ class Engine:
 
         With the MWF, ``chunks`` is read :attr:`n_passes` times: pass a list or a callable
         that returns a fresh iterable of the same chunks (a one-shot iterator is refused).
+        The threads are chosen when the stream starts (:meth:`thread_plan`).
         """
+        plan = self.last_plan = self.thread_plan()
+        set_threads(plan.threads)
+        workers = None
+        if plan.unet_workers > 1 and isinstance(self.model, FastSpleeterModel):
+            workers = UNetWorkers(plan)
+        log.info(
+            "CPU threads: %d%s%s",
+            plan.threads,
+            "" if plan.others is None else f" (other processes used {plan.others:.1f} cores)",
+            f"; U-Nets side by side in {plan.unet_workers} threads" if workers else "",
+        )
+        try:
+            yield from self._stream(chunks, on_segments, workers.map if workers else None)
+        finally:
+            if workers is not None:
+                workers.close()
+                set_threads(plan.threads)
+
+    def _stream(
+        self,
+        chunks: ChunkSource,
+        on_segments: Callable[[int], None] | None,
+        map_unets: MapUNets | None,
+    ) -> Iterator[dict[str, np.ndarray]]:
         opened = _opener(chunks, self.n_passes)
         filters = [self._new_wiener() if self.mwf else None for _ in self.shift_offsets]
         for _ in range(self.n_passes - 1):  # MWF statistics passes: nothing to emit
-            states = self._states(on_segments, filters)
+            states = self._states(on_segments, filters, map_unets)
             with closing(self._drive(states, opened())) as steps:
                 for _ in steps:
                     pass
             for wiener in filters:
                 wiener.end_pass()  # type: ignore[union-attr]
-        states = self._states(on_segments, filters)
+        states = self._states(on_segments, filters, map_unets)
         # closing: a consumer that stops early closes this generator, which closes the
         # input's iterator at once (a read-ahead thread stops, a decoder closes its file)
         with closing(self._drive(states, opened())) as steps:
@@ -276,9 +324,10 @@ class Engine:
         self,
         on_segments: Callable[[int], None] | None,
         filters: list[StreamingWiener | None],
+        map_unets: MapUNets | None,
     ) -> list[_StreamState]:
         return [
-            _StreamState(self, on_segments, shift=shift, wiener=wiener)
+            _StreamState(self, on_segments, shift=shift, wiener=wiener, map_unets=map_unets)
             for shift, wiener in zip(self.shift_offsets, filters, strict=True)
         ]
 
@@ -321,8 +370,15 @@ class Engine:
         start = (self.overlap_frames - fade) / 2
         return ((distance - start + 0.5) / fade).clamp(1e-3, 1.0)
 
-    def estimate(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """Model estimates for segments (S, C, T, F) → (S, I, C, T, F), float32."""
+    def estimate(
+        self, magnitude: torch.Tensor, *, map_unets: MapUNets | None = None
+    ) -> torch.Tensor:
+        """Model estimates for segments (S, C, T, F) → (S, I, C, T, F), float32.
+
+        ``map_unets``: how the fused model runs its U-Nets (:class:`UNetWorkers.map`).
+        """
+        if map_unets is not None and isinstance(self.model, FastSpleeterModel):
+            return self.model(magnitude.to(self.dtype), map_unets=map_unets).float()
         return self.model(magnitude.to(self.dtype)).float()
 
     def wiener_inputs(
@@ -391,9 +447,11 @@ class _StreamState:
         *,
         shift: int = 0,
         wiener: StreamingWiener | None = None,
+        map_unets: MapUNets | None = None,
     ) -> None:
         cfg = engine.config
         self.engine, self.on_segments = engine, on_segments
+        self.map_unets = map_unets
         self.wiener = wiener
         # a statistics pass of the Wiener filter: frames are observed, nothing is emitted
         self.collecting = wiener is not None and wiener.collecting
@@ -482,7 +540,7 @@ class _StreamState:
         batch = torch.stack(
             [magnitude[:, s - self.frame0 : s - self.frame0 + self.T] for s in starts]
         )
-        estimates = self.engine.estimate(batch)  # (S, I, C, T, F)
+        estimates = self.engine.estimate(batch, map_unets=self.map_unets)  # (S, I, C, T, F)
         n_known = self.acc.shape[2]
         for k, start in enumerate(starts):
             lo = start - self.frame0

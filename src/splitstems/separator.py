@@ -163,6 +163,9 @@ class Separator:
         mwf_exponent: power applied to the model's magnitudes before the Wiener filter
             (the original: 1; 0.7 scores better on MUSDB18, see the README).
         shifts: average over this many time-shifted separations (1 = the original).
+        threads: CPU threads (process-wide), fixed; None: one per CPU this process may use
+            (affinity, cgroup quota), fewer while other processes keep CPUs busy (see
+            :mod:`splitstems.device`). The stems depend on it at most by float32 rounding.
         download: whether missing released weights may be downloaded.
         progress: show a progress bar while downloading.
     """
@@ -182,6 +185,7 @@ class Separator:
         mwf_iterations: int = 1,
         mwf_exponent: float = 1.0,
         shifts: int = 1,
+        threads: int | None = None,
         download: bool = True,
         progress: bool = True,
     ) -> None:
@@ -201,6 +205,7 @@ class Separator:
             mwf_iterations=mwf_iterations,
             mwf_exponent=mwf_exponent,
             shifts=shifts,
+            threads=threads,
         )
 
     def fingerprint(self) -> str:

@@ -25,6 +25,7 @@ from splitstems.cli.options import (
     Parser,
     check_mwf_options,
 )
+from splitstems.device import mark_start
 from splitstems.errors import SplitstemsError
 
 
@@ -69,6 +70,7 @@ def install_signal_handlers() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    mark_start()  # start-up is the first window in which other processes' load is seen
     args = build_parser().parse_args(argv)
     problem = check_mwf_options(args)
     if problem is not None:

@@ -158,10 +158,18 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, fast_help: str) -> None:
-    """``--fast``, ``--device`` and ``--verbose``."""
+    """``--fast``, ``--device``, ``--threads`` and ``--verbose``."""
     parser.add_argument("--fast", action="store_true", help=fast_help)
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N, mps (default: automatic)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads, fixed (default: one per CPU this process may use, affinity and "
+        "cgroup quota, fewer while other processes keep CPUs busy; $OMP_NUM_THREADS "
+        "when set)",
     )
     parser.add_argument("--verbose", action="store_true", help="more logging")
 

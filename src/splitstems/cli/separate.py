@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             mwf_iterations=args.mwf_iterations,
             mwf_exponent=args.mwf_exponent,
             shifts=args.shifts,
+            threads=args.threads,
             mask_extension=args.mask_extension,
         )
         output_paths(

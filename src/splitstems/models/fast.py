@@ -15,6 +15,8 @@ apart) with:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -87,6 +89,18 @@ def _zero_bordered(like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _rows(per_channel: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return a per-channel (C, 1, 1) factor as one channels-last row (1, C, 1, W).
+
+    Multiplied into a channels-last (B, C, H, W) tensor, a (C, 1, 1) factor repeats
+    every C elements, so each kernel call covers C elements (slow for few channels, and
+    for bfloat16); as a row it repeats every W * C elements. Same numbers either way.
+    """
+    width = like.shape[-1]
+    row = per_channel.expand(-1, 1, width).unsqueeze(0)
+    return row.contiguous(memory_format=torch.channels_last)
+
+
 class FastUNet(nn.Module):
     """Inference form of one :class:`UNet` (see the module docstring)."""
 
@@ -148,13 +162,14 @@ class FastUNet(nn.Module):
                 merges[i][:, : conv.shape[1]].copy_(conv)
                 h = _zero_bordered(conv)
                 inner = h[:, :, 1:-2, 1:-2]
+                scale, shift = _rows(scale, conv), _rows(shift, conv)
                 self.enc_act(torch.addcmul(shift, conv, scale, out=inner))
         h = conv  # the decoder starts from the raw 6th convolution
         for j in range(n_levels):
             # Activation and BatchNorm are per pixel and per channel, so they are applied to
             # the four polyphase planes before they are interleaved (pixel shuffle).
             up = F.conv2d(h, self.dec_weight[j], self.dec_bias[j], padding=1)
-            scale, shift = self.dec_bn[j]
+            scale, shift = (_rows(t, up) for t in self.dec_bn[j])
             up = torch.addcmul(shift, self.dec_act(up), scale, out=up)
             level = n_levels - 2 - j
             if level < 0:
@@ -179,12 +194,31 @@ class FastSpleeterModel(nn.Module):
         self.softmax = model.softmax
         self.unets = nn.ModuleList(FastUNet(u) for u in model.unets.values())
 
-    def forward(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F)."""
+    def forward(
+        self,
+        magnitude: torch.Tensor,
+        *,
+        map_unets: Callable[
+            [Callable[[FastUNet], torch.Tensor], list[FastUNet]], list[torch.Tensor]
+        ]
+        | None = None,
+    ) -> torch.Tensor:
+        """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F).
+
+        ``map_unets(fn, unets)`` returns ``[fn(u) for u in unets]``, however it likes (the
+        engine runs them side by side in threads); by default one after the other.
+        """
         padded = tf_pad(magnitude)
-        logits = torch.stack([unet(padded) for unet in self.unets], dim=1)
+        unets = list(self.unets)
+        if map_unets is None:
+            outputs = [unet(padded) for unet in unets]
+        else:
+            outputs = map_unets(lambda unet: unet(padded), unets)
+        logits = torch.stack(outputs, dim=1)
         masks = torch.softmax(logits, dim=1) if self.softmax else logits.sigmoid_()
-        return masks.mul_(magnitude.unsqueeze(1))
+        # The stack interleaves instruments and channels (channels-last outputs): made
+        # contiguous first, the product with the magnitudes is 5x (bfloat16: 30x) faster.
+        return masks.contiguous().mul_(magnitude.unsqueeze(1))
 
 
 @torch.no_grad()
