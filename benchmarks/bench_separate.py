@@ -21,6 +21,26 @@ CPU they used during the run (column "others") and redoes noisy runs (``--retry-
 A run whose processes pass ``--mem-limit-gb`` of RSS is killed and reported as failed
 (memory); runs past ``--timeout`` likewise.
 
+The headline (``--headline``): the three ratios of Spleeter 2.4.2's wall time to ours on
+the 3-minute WAV, 2stems, in one run, best of 2 (``--repeat``), the tools alternating:
+
+* idle, ``splitstems separate`` (target >= 4x);
+* idle, ``splitstems separate --fast`` (>= 6x, against Spleeter's idle run);
+* ``splitstems separate`` while another process keeps one core busy (>= 3x, against
+  Spleeter beside the same busy loop): the benchmark starts ``python -c 'while True:
+  pass'`` (not pinned) half a second before each such run and stops it after; its CPU
+  time is not counted as noise.
+
+Run it on a quiet machine (nothing else running; it waits up to ``--wait-idle`` s before
+each run and redoes runs that other processes slowed, ``--retry-noisy``)::
+
+    .venv/bin/python benchmarks/bench_separate.py --headline
+                                    # ~3 min on a quiet machine (Spleeter installed)
+
+It prints a table of the runs and the three ratios (met / NOT met), and writes them
+(``"headline"``) with every run to ``benchmarks/results/<timestamp>.json``. Spleeter is
+installed into ``benchmarks/.spleeter-venv`` on first use (needs python3.11 and ffmpeg).
+
 Examples::
 
     .venv/bin/python benchmarks/bench_separate.py --durations 30,180 --models 2stems \\
@@ -70,6 +90,11 @@ SPLEETER_DEFAULT_DURATION = 600.0  # the original's CLI stops there unless -d is
 BATCH_FILES = 10
 BATCH_SECONDS = 180
 GRAPH_SECONDS = 180
+#: The headline ratios (``--headline``): 3-min WAV, 2stems, against Spleeter 2.4.2.
+HEADLINE_SECONDS = 180
+BUSY = "default, 1 core busy"
+#: splitstems mode → (Spleeter mode it is compared with, target ratio of wall times)
+HEADLINE_TARGETS = {"default": ("default", 4.0), "fast": ("default", 6.0), BUSY: (BUSY, 3.0)}
 MEMORY_PATTERNS = (
     "memoryerror",
     "bad_alloc",
@@ -460,6 +485,45 @@ def run_process(
     return run, tail(out_path, 4000)
 
 
+class BusyLoop:
+    """Another process keeping one core busy (a Python busy loop, not pinned), for a run.
+
+    ``cpu_s`` is the CPU time it used between start and stop (to tell it apart from
+    other noise on the machine).
+    """
+
+    SETTLE_S = 0.5  # running this long before the timed run starts
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cpu_s = 0.0
+
+    def _cpu(self) -> float:
+        assert self.proc is not None
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_bytes()
+            fields = stat[stat.rindex(b")") + 2 :].split()  # fields[0] is field 3
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def __enter__(self) -> BusyLoop:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(self.SETTLE_S)
+        self._start = self._cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.cpu_s = max(0.0, self._cpu() - self._start)
+        self.proc.kill()
+        self.proc.wait()
+
+
 # --------------------------------------------------------------------------- setup
 
 
@@ -751,14 +815,29 @@ class Bench:
         return case
 
     def attempt(self, case: Case, env: dict[str, str], *, wait: bool = True) -> Run:
-        """One run of ``case.command`` in a clean output folder."""
+        """One run of ``case.command`` in a clean output folder.
+
+        A case whose mode is :data:`BUSY` runs beside a :class:`BusyLoop` (started after
+        the wait for an idle machine); its CPU time is not counted as noise.
+        """
         shutil.rmtree(self.out_dir, ignore_errors=True)
         self.out_dir.mkdir(parents=True)
         self.counter += 1
         name = f"{self.stamp}-{self.counter:03d}-{case.tool}-{case.kind}"
         if wait:
             wait_for_idle(self.args.wait_idle)
-        run, _ = self.launch(case, env, name)
+        if case.mode == BUSY:
+            with BusyLoop() as busy:
+                run, _ = self.launch(case, env, name)
+            if run.other_cores is not None and run.wall_s:
+                # the busy loop ran SETTLE_S before the run: count only its share
+                busy_cores = busy.cpu_s / (run.wall_s + BusyLoop.SETTLE_S)
+                run.other_cores = max(0.0, run.other_cores - busy_cores)
+            run.note = (run.note + " " if run.note else "") + (
+                f"(busy loop: {busy.cpu_s:.1f} CPU s)"
+            )
+        else:
+            run, _ = self.launch(case, env, name)
         seconds, n_files = output_seconds(self.out_dir)
         run.audio_out_s = seconds
         expected = len(case.extra.get("inputs", [1])) * case.extra.get("n_stems", 2)
@@ -968,14 +1047,91 @@ class Bench:
         self.cases.append(case)
         self.save()
 
+    def headline(self, inputs: dict[int, Path]) -> None:
+        """The three headline ratios: idle default, idle ``--fast``, default with one core busy.
+
+        Runs alternate between the tools (ours default, ours fast, Spleeter, then the
+        same with a busy loop), ``--repeat`` rounds; each case keeps its best.
+        """
+        path, label = inputs[HEADLINE_SECONDS], fmt_dur(HEADLINE_SECONDS)
+        plan: list[tuple[Case, dict[str, str]]] = []
+        for mode in ("default", "fast", BUSY):
+            if mode == "fast" and not self.fast_available:
+                continue
+            case = Case("headline", "splitstems", "2stems", mode, label, HEADLINE_SECONDS)
+            case.command = self.ours_command("2stems", "fast" if mode == "fast" else "", [path])
+            case.extra["n_stems"] = 2
+            plan.append((case, self.ours_env()))
+            if mode != "fast" and self.spleeter_ok:
+                ref = Case("headline", "spleeter", "2stems", mode, label, HEADLINE_SECONDS)
+                ref.command = self.spleeter_command([path])
+                ref.extra["n_stems"] = 2
+                plan.append((ref, self.spleeter_env()))
+        for case, _ in plan:
+            self.cases.append(case)
+        for round_ in range(self.args.repeat):
+            for case, env in plan:
+                if case.runs and case.runs[-1].status != "ok":
+                    continue
+                log(f"{case.tool} {case.mode} {case.input} (round {round_ + 1}/{self.args.repeat})")
+                attempts = []
+                for _ in range(self.args.retry_noisy + 1):
+                    attempts.append(self.attempt(case, env))
+                    if not self.noisy(attempts[-1]):
+                        break
+                run = min(attempts, key=lambda r: r.other_cores if self.noisy(r) else -1.0)
+                if self.noisy(run):
+                    run.note = (run.note + " " if run.note else "") + "(noisy)"
+                discarded = [asdict(r) for r in attempts if r is not run]
+                if discarded:
+                    case.extra.setdefault("discarded", []).extend(discarded)
+                case.runs.append(run)
+                self.save()
+
+    def headline_ratios(self) -> list[dict[str, Any]]:
+        """Spleeter's best wall time / ours, per headline mode, with the target."""
+        rows = []
+        for mode, (ref_mode, target) in HEADLINE_TARGETS.items():
+            ours = self.find("headline", "splitstems", "2stems", mode, fmt_dur(HEADLINE_SECONDS))
+            ref = self.find("headline", "spleeter", "2stems", ref_mode, fmt_dur(HEADLINE_SECONDS))
+            if ours is None:
+                continue
+            row: dict[str, Any] = {
+                "mode": mode,
+                "splitstems_best_s": ours.best_s,
+                "spleeter_best_s": ref.best_s if ref else None,
+                "target": target,
+                "runs": len(ours.runs),
+            }
+            if ref is not None and ref.best_s and ours.best_s:
+                row["ratio"] = ref.best_s / ours.best_s
+                row["met"] = row["ratio"] >= target
+            noisy = [
+                c.tool
+                for c in (ours, ref)
+                if c is not None
+                and c.other_cores is not None
+                and c.other_cores > self.args.noisy_cores
+            ]
+            row["note"] = f"noisy: {' and '.join(noisy)}" if noisy else ""
+            rows.append(row)
+        return rows
+
     def run(self) -> None:
         inputs = self.setup()
         self.warmup()
+        if self.args.headline:
+            self.headline(inputs)
+            self.finish()
+            return
         self.cli(inputs)
         if not self.args.skip_batch:
             self.batch(inputs)
         if not self.args.skip_graph:
             self.graph(inputs)
+        self.finish()
+
+    def finish(self) -> None:
         self.meta["loadavg_end"] = os.getloadavg()
         self.meta["source_fingerprint_end"] = source_fingerprint()
         if self.meta["source_fingerprint_end"] != self.meta["source_fingerprint_start"]:
@@ -1017,6 +1173,7 @@ class Bench:
             "notes": self.notes,
             "cases": [c.to_json() for c in self.cases],
             "ratios": self.ratios(),
+            "headline": self.headline_ratios(),
         }
         text = json.dumps(data, indent=2, default=str)
         tmp = RESULTS / f".{self.stamp}.json.tmp"
@@ -1041,7 +1198,11 @@ class Bench:
         """Spleeter (default CLI) vs ours, per input and mode, from this run only."""
         rows = []
         for ref in self.cases:
-            if ref.tool != "spleeter" or ref.kind == "warmup" or ref.mode != "default":
+            if (
+                ref.tool != "spleeter"
+                or ref.kind in ("warmup", "headline")
+                or ref.mode != "default"
+            ):
                 continue
             for mode in self.modes():
                 ours = self.find(ref.kind, "splitstems", "2stems", mode, ref.input)
@@ -1101,6 +1262,11 @@ class Bench:
             "| RTF median | peak RSS | CPU | others | status |"
         )
         sections = [
+            (
+                "headline",
+                f"Headline: one {fmt_dur(HEADLINE_SECONDS)} WAV, 2stems, best of "
+                f"{self.args.repeat}",
+            ),
             ("cli", "Command line, one file (`separate -o out FILE`)"),
             ("batch", f"{BATCH_FILES} files of {fmt_dur(BATCH_SECONDS)} in one command"),
             ("graph", "In-process model compute (STFT + U-Nets + masks + iSTFT), warm"),
@@ -1142,6 +1308,23 @@ class Bench:
             "the run was slowed by something else).",
             "",
         ]
+        headline = self.headline_ratios()
+        if headline:
+            lines += [
+                "### Headline ratios: Spleeter 2.4.2 wall time / splitstems (same run, best "
+                f"of {self.args.repeat}; {BUSY}: both beside a busy loop)",
+                "",
+                "| splitstems | splitstems best | Spleeter best | ratio | target | note |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in headline:
+                met = "" if "met" not in r else (" (met)" if r["met"] else " (NOT met)")
+                lines.append(
+                    f"| {r['mode']} | {fmt_s(r['splitstems_best_s'])} | "
+                    f"{fmt_s(r['spleeter_best_s'])} | {fmt_x(r.get('ratio'), 2)} | "
+                    f">= {r['target']:g}x{met} | {r['note']} |"
+                )
+            lines.append("")
         ratios = self.ratios()
         if ratios:
             lines += [
@@ -1187,7 +1370,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["default", "fast"],
         help="splitstems modes: default, fast (--fast) (default: both)",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="runs per CLI case (best, median)")
+    parser.add_argument(
+        "--headline",
+        action="store_true",
+        help=f"only the three headline ratios against Spleeter 2.4.2 on a "
+        f"{HEADLINE_SECONDS} s WAV, 2stems: idle default (target >= 4x), idle --fast "
+        "(>= 6x), default with one core kept busy by a busy loop (>= 3x); best of "
+        "--repeat (default 2 here); installs Spleeter if missing",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="runs per CLI case (best, median; default 1)"
+    )
     parser.add_argument("--graph-repeat", type=int, default=3, help="timed in-process calls")
     parser.add_argument(
         "--against-spleeter",
@@ -1253,6 +1446,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in {"default", "fast"}]
     if bad:
         parser.error(f"unknown modes {bad}: use default, fast")
+    if args.repeat is None:
+        args.repeat = 2 if args.headline else 1
+    if args.headline:
+        args.against_spleeter = True
+        args.durations = [HEADLINE_SECONDS]
+        args.models = {"2stems": None}
+        args.modes = ["default", "fast"]
+        args.skip_batch = args.skip_graph = True
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     args.cache_dir = args.cache_dir.resolve()
