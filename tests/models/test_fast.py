@@ -68,3 +68,20 @@ def test_fusing_leaves_the_model_alone():
         tensors += [unet.out_weight, unet.out_bias]
         tensors += [t for pair in (*unet.enc_bn, *unet.dec_bn) for t in pair]
         assert all(t.untyped_storage().data_ptr() not in storages for t in tensors)
+
+
+def test_packed_convolutions_compute_what_conv2d_computes():
+    # In inference mode the CPU convolutions use weights packed once into oneDNN's
+    # layout; outside it, plain F.conv2d: the two must agree bit for bit.
+    torch.manual_seed(0)
+    model = SpleeterModel(load_config("spleeter:2stems")).eval()
+    _randomise_batchnorm(model)
+    x = torch.rand(1, 2, 64, 128) * 2
+    for dtype in (torch.float32, torch.bfloat16):
+        fast = fuse_for_inference(model).to(dtype=dtype)
+        with torch.no_grad():
+            plain = fast(x.to(dtype))
+        with torch.inference_mode():
+            packed = fast(x.to(dtype))
+            again = fast(x.to(dtype))  # the packed weights are reused
+        assert torch.equal(packed, plain) and torch.equal(again, plain)
