@@ -106,7 +106,9 @@ class _Conv:
 
     ``F.conv2d`` reorders a weight into oneDNN's blocked layout on every call (about 10 %
     of the U-Nets' time); here that is done once per input shape and kept. The
-    convolution is the same oneDNN primitive, so the numbers are the same. Where the
+    convolution is the same oneDNN primitive, so the numbers are the same as
+    ``F.conv2d``'s wherever that runs oneDNN (every layer of a whole 512 x 1024 segment;
+    for small inputs torch uses its own kernels, which round differently). Where the
     operators are missing (other builds, other devices), it is ``F.conv2d``.
     """
 
