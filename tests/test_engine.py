@@ -248,6 +248,9 @@ def test_ordered_worker_runs_in_order_and_reports_errors():
 
     worker = OrderedWorker(depth=1)
     worker.submit(fail, 0)
-    with pytest.raises(OSError, match="disk full"):
-        worker.submit(done.append, 1)
-        worker.join()
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            worker.submit(done.append, 1)
+            worker.join()
+    finally:
+        worker.join(raise_errors=False)  # its thread must not outlive the test
