@@ -7,9 +7,9 @@ thread that arrives first spins there for a while. That is the fastest way to us
 idle machine, and the slowest on a machine that is doing other things: when another
 process takes a core, the thread that shares it falls behind, every operation waits
 for it, and the spinning threads take the CPU it needs. Measured on 2 CPUs with one kept
-busy by another process, a 3-minute song took 7.6 s with 2 threads (3.7 s idle), 5.5 s
-with one, 5.5 s with 2 threads and OpenMP's passive wait policy (which costs 5-10 % on
-an idle machine, so it is not the default).
+busy by another process, a 3-minute song took 7.5-9.0 s with 2 threads (3.6-3.7 s
+idle), 5.5 s with one, 5.5 s with 2 threads and OpenMP's passive wait policy (which
+costs 5-10 % on an idle machine, so it is not used), 5.0 s with the plan below.
 
 So the default plan (:func:`plan_threads`) looks at what the machine is doing:
 
