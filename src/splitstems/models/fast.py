@@ -32,20 +32,25 @@ def polyphase_weight(weight: torch.Tensor) -> torch.Tensor:
     Output pixel ``(2m+p, 2n+q)`` of TF's "same" transposed convolution (PyTorch's full
     output cropped by one) collects kernel tap ``(p+1-2dy, q+1-2dx)`` from input pixel
     ``(m+dy, n+dx)`` for ``dy, dx`` in {-1, 0, 1}: a 3x3 correlation per phase ``(p, q)``.
-    Channels are ordered ``out*4 + 2p + q``, as ``pixel_shuffle(·, 2)`` expects.
+    Channels are ordered ``out*4 + 2p + q``, as ``pixel_shuffle(·, 2)`` expects. The
+    result is channels-last (built in that layout: whole (out, in) taps are copied).
     """
     n_in, n_out, k, _ = weight.shape
     if k != KERNEL:
         raise ValueError(f"polyphase form is derived for {KERNEL}x{KERNEL} kernels, got {k}")
-    poly = weight.new_zeros(n_out, 2, 2, n_in, 3, 3)
+    taps = weight.permute(2, 3, 1, 0).contiguous()  # (ky, kx, out, in)
+    poly = weight.new_empty(n_out, 2, 2, 3, 3, n_in)  # memory of channels-last (4*out, in, 3, 3)
     for p in range(2):
         for q in range(2):
             for dy in (-1, 0, 1):
                 for dx in (-1, 0, 1):
                     ky, kx = p + 1 - 2 * dy, q + 1 - 2 * dx
+                    target = poly[:, p, q, dy + 1, dx + 1]
                     if 0 <= ky < k and 0 <= kx < k:
-                        poly[:, p, q, :, dy + 1, dx + 1] = weight[:, :, ky, kx].T
-    return poly.reshape(n_out * 4, n_in, 3, 3)
+                        target.copy_(taps[ky, kx])
+                    else:
+                        target.zero_()
+    return poly.reshape(n_out * 4, 3, 3, n_in).permute(0, 3, 1, 2)
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
