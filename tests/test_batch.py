@@ -195,3 +195,99 @@ def test_cli_folder_input_summary_and_exit_code(library, tmp_path, capsys):
     empty.mkdir()
     assert main(["separate", "-o", str(out), str(empty)]) == 1
     assert "folder holds no audio files" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- clashes
+
+
+def _tone(path: Path, seconds: float = 1.0, freq: float = 330.0) -> Path:
+    t = np.arange(int(44100 * seconds)) / 44100
+    tone = (0.2 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    audio.save(path, np.stack([tone, tone], 1), sample_rate=44100)
+    return path
+
+
+def test_an_unreadable_input_does_not_claim_the_stems_of_a_good_one(separator_2stems, tmp_path):
+    # song.flac (junk) sorts first; it used to claim out/song/ and block song.wav.
+    coll = tmp_path / "coll"
+    coll.mkdir()
+    (coll / "song.flac").write_text("junk\n")
+    _tone(coll / "song.wav")
+    out = tmp_path / "out"
+    report = _separate(separator_2stems, expand_inputs([coll]), out)
+    assert [(r.path.name, r.status) for r in report.results] == [
+        ("song.flac", "failed"),
+        ("song.wav", "done"),
+    ]
+    assert report.results[0].reason == f"{coll / 'song.flac'}: not an audio file (no sample rate)"
+    assert audio.load(out / "song" / "vocals.wav").shape == (44100, 2)
+
+
+def test_an_input_that_fails_late_hands_its_stems_to_the_next(separator_2stems, tmp_path):
+    # A truncated file is readable up front and fails as it is decoded: the input that
+    # waited for its stems is separated in its place.
+    coll = tmp_path / "coll"
+    coll.mkdir()
+    cut = _tone(coll / "song.flac", seconds=3.0)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    _tone(coll / "song.wav")
+    out = tmp_path / "out"
+    seen: list[str] = []
+    report = _separate(
+        separator_2stems, expand_inputs([coll]), out, on_result=lambda r: seen.append(r.status)
+    )
+    assert [r.status for r in report.results] == ["failed", "done"] == seen
+    assert "truncated" in report.results[0].reason
+    assert audio.load(out / "song" / "vocals.wav").shape == (44100, 2)
+
+
+def test_clashing_inputs_get_a_hint_that_fits(separator_2stems, tmp_path):
+    out = tmp_path / "out"
+    same = [_tone(tmp_path / "coll" / "song.wav"), _tone(tmp_path / "coll" / "song.flac", 0.5)]
+    report = _separate(separator_2stems, same, out)
+    assert [r.status for r in report.results] == ["done", "failed"]
+    assert report.results[1].reason == (
+        f"{same[1]}: its stems would overwrite those of {same[0]} in the same batch (both are "
+        "in the same folder: rename one of them, or separate them in two runs with different -o)"
+    )
+    assert audio.load(out / "song" / "vocals.wav").shape == (44100, 2)  # the first's
+
+    apart = [same[0], _tone(tmp_path / "elsewhere" / "song.mp3")]
+    (_, failed) = _separate(separator_2stems, apart, out).results
+    assert failed.reason.endswith("(add {foldername} to -f, or rename one of them)")
+
+    twins = [same[0], _tone(tmp_path / "b" / "coll" / "song.wav")]
+    layout = "{foldername}/{filename}/{instrument}.{codec}"
+    (_, failed) = _separate(separator_2stems, twins, out, filename_format=layout).results
+    assert failed.reason.endswith(
+        "(both folders are named coll: rename one of them, or separate them in two runs "
+        "with different -o)"
+    )
+
+    flat = [same[0], _tone(tmp_path / "coll" / "other.wav")]
+    (_, failed) = _separate(separator_2stems, flat, out, filename_format="{instrument}.wav").results
+    assert failed.reason.endswith("(add {filename} to -f, or rename one of them)")
+
+
+def test_a_clash_with_skipped_stems_fails_at_once(separator_2stems, tmp_path):
+    out = tmp_path / "out"
+    first = _tone(tmp_path / "a" / "song.wav")
+    second = _tone(tmp_path / "b" / "song.wav")
+    _separate(separator_2stems, [first], out)
+    seen: list[str] = []
+    report = _separate(
+        separator_2stems,
+        [first, second],
+        out,
+        resume=True,
+        on_result=lambda r: seen.append(r.status),
+    )
+    assert [r.status for r in report.results] == ["skipped", "failed"] == seen
+    assert "would overwrite those of" in report.results[1].reason
+
+
+def test_a_glob_that_matches_nothing_says_so(separator_2stems, tmp_path):
+    pattern = str(tmp_path / "nomatch" / "*.wav")
+    (result,) = _separate(separator_2stems, expand_inputs([pattern]), tmp_path / "out").results
+    assert result.status == "failed"
+    assert result.reason == f"{pattern}: no file matches this pattern"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import string
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -175,12 +176,21 @@ def separate_files(
     says why. One progress bar counts seconds of audio over the whole batch
     (``progress=None``: shown when stderr is a terminal). ``on_result`` is called as
     each file ends.
+
+    Each input is probed before it claims its output paths, so an input that cannot be
+    read fails on its own. When the stems of two inputs would land on the same paths,
+    the first one readable keeps them and the other fails once the first is done (or
+    skipped), with a hint that fits the pair ({foldername} in ``filename_format`` only
+    where their folders' names differ); should the first fail, the other is separated
+    in its place.
     """
     from tqdm import tqdm
 
     order = {path: index for index, path in enumerate(files)}
     report = BatchReport()
     claimed: dict[Path, Path] = {}  # output path → the input that writes it
+    settled: set[Path] = set()  # inputs whose stems stay (done or skipped): claims for good
+    waiting: dict[Path, list[Path]] = {}  # input → the inputs whose stems clash with its
     plan: list[_Planned] = []
     known: dict[str, Any] = {}
 
@@ -199,11 +209,30 @@ def separate_files(
             )
         return known
 
-    for path in files:
+    def finish(result: FileResult) -> None:
+        report.results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    def clash_error(path: Path, other: Path) -> OutputError:
+        return OutputError(
+            f"{path}: its stems would overwrite those of {other} in the same batch "
+            f"({_clash_hint(path, other, filename_format)})"
+        )
+
+    def consider(path: Path) -> _Planned | None:
+        """Plan one input; None when it waits for another input that claimed its stems.
+
+        The input is probed before it claims its output paths, so one that cannot be
+        read fails on its own; one whose stems clash with an earlier input's waits for
+        it, and is planned again should that input fail.
+        """
         result = None
         try:
             if path.is_dir():
                 raise AudioError(f"{path}: folder holds no audio files")
+            if _has_magic(str(path)) and not os.path.lexists(path):
+                raise AudioError(f"{path}: no file matches this pattern")
             targets = output_paths(
                 path,
                 destination,
@@ -211,14 +240,13 @@ def separate_files(
                 codec=codec,
                 filename_format=filename_format,
             )
+            info = audio.probe(path)
             clash = next((claimed[t] for t in targets.values() if t in claimed), None)
             if clash is not None:
-                raise OutputError(
-                    f"{path}: its stems would overwrite those of {clash} in the same batch "
-                    "(add {foldername} to -f, or rename one of them)"
-                )
-            claimed.update(dict.fromkeys(targets.values(), path))
-            info = audio.probe(path)
+                if clash in settled:
+                    raise clash_error(path, clash)
+                waiting.setdefault(clash, []).append(path)
+                return None
             identity = _identity(path)
             redo = None
             if resume:
@@ -231,19 +259,23 @@ def separate_files(
                     n_channels=separator.config.n_channels,
                     lossless=codec.lower() in _LOSSLESS,
                 )
+            claimed.update(dict.fromkeys(targets.values(), path))
             if redo is _KEEP:
+                settled.add(path)
                 result = FileResult(
                     path, "skipped", "stems complete, same settings", outputs=targets
                 )
             else:
                 seconds = _seconds(info.duration, offset, duration)
-                plan.append(_Planned(path, seconds, targets, identity, redo))
+                return _Planned(path, seconds, targets, identity, redo)
         except SplitstemsError as exc:
             result = FileResult(path, "failed", str(exc))
-        if result is not None:
-            report.results.append(result)
-            if on_result is not None:
-                on_result(result)
+        finish(result)
+        return None
+
+    for path in files:
+        if (planned := consider(path)) is not None:
+            plan.append(planned)
     total = sum(item.seconds for item in plan if item.seconds) or None
     disable = None if progress is None else not progress
     with tqdm(
@@ -254,9 +286,12 @@ def separate_files(
         dynamic_ncols=True,
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}]",
     ) as bar:
-        for index, item in enumerate(plan):
+        index = 0
+        while index < len(plan):  # inputs waiting for a failed one join the plan
+            item = plan[index]
+            index += 1
             path, seconds = item.path, item.seconds
-            bar.set_description(f"{index + 1}/{len(plan)} {path.name[:30]}")
+            bar.set_description(f"{index}/{len(plan)} {path.name[:30]}")
             done_before = bar.n
             budget = seconds if seconds else float("inf")
 
@@ -287,9 +322,21 @@ def separate_files(
             result.elapsed = time.perf_counter() - start
             if seconds:
                 bar.update(max(0.0, done_before + seconds - bar.n))
-            report.results.append(result)
-            if on_result is not None:
-                on_result(result)
+            finish(result)
+            others = waiting.pop(path, [])
+            if result.status != "failed":
+                settled.add(path)
+                for other in others:
+                    finish(FileResult(other, "failed", str(clash_error(other, path))))
+                continue
+            for target in item.targets.values():  # its stems are free for the next
+                claimed.pop(target, None)
+            for other in others:
+                if (planned := consider(other)) is not None:
+                    plan.append(planned)
+                    if planned.seconds:
+                        bar.total = (bar.total or 0) + planned.seconds
+                        bar.refresh()
     report.results.sort(key=lambda r: order[r.path])
     return report
 
@@ -488,6 +535,36 @@ def _decoded_samples(path: Path, sample_rate: int, n_channels: int) -> int:
         path, chunk_samples=_DECODE_CHUNK, sample_rate=sample_rate, n_channels=n_channels
     )
     return sum(chunk.shape[0] for chunk in chunks)
+
+
+def _format_keys(filename_format: str) -> set[str]:
+    """Return the keys a filename format uses (``{filename}``, ``{foldername}`` ...)."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(filename_format) if field}
+    except ValueError:
+        return set()
+
+
+def _clash_hint(path: Path, other: Path, filename_format: str) -> str:
+    """Say what would keep the stems of two inputs apart (for a clash's message)."""
+    mine, theirs = path.resolve(), other.resolve()
+    if mine == theirs:
+        return "the same file, given twice"
+    keys = _format_keys(filename_format)
+    adds = []
+    if mine.stem != theirs.stem and "filename" not in keys:
+        adds.append("add {filename} to -f")
+    if mine.parent.name != theirs.parent.name and "foldername" not in keys:
+        adds.append("add {foldername} to -f")
+    if adds:
+        return f"{', or '.join(adds)}, or rename one of them"
+    if mine.parent == theirs.parent:
+        why = "both are in the same folder"
+    elif mine.parent.name == theirs.parent.name:
+        why = f"both folders are named {mine.parent.name}"
+    else:
+        why = "-f gives both the same paths"
+    return f"{why}: rename one of them, or separate them in two runs with different -o"
 
 
 def _seconds(total: float | None, offset: float, duration: float | None) -> float | None:
