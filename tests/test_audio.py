@@ -456,6 +456,9 @@ def _all_codecs(folder: Path, seconds: float) -> dict[str, Path]:
     files["flac 24"] = folder / "a24.flac"
     save(files["flac 24"], x, sample_rate=SR, bit_depth=24)
     files["aiff"] = _encode(folder / "a.aiff", x, muxer="aiff", encoder="pcm_s16be")
+    files["rf64"] = _encode(
+        folder / "rf64.wav", x, muxer="wav", encoder="pcm_s16le", options={"rf64": "always"}
+    )
     files["m4a faststart"] = _encode(
         folder / "fast.m4a", x, muxer="ipod", encoder="aac", options={"movflags": "+faststart"}
     )
@@ -539,6 +542,80 @@ def test_a_truncated_file_is_an_error_naming_both_lengths(
     with pytest.raises(AudioError, match=message):  # a duration past the decoded end
         load(damaged, duration=60)
     assert len(load(damaged, duration=0.01)) == 441  # what is there is fine
+
+
+# Bytes per sample frame (FLAC: its last frame is cut by a single byte already).
+_FRAME_BYTES = {"wav": 4, "wav 24": 6, "wav 32f": 8, "rf64": 4, "aiff": 4, "flac": 1, "flac 24": 1}
+
+
+@pytest.mark.parametrize("codec", sorted(_FRAME_BYTES))
+def test_lossless_files_short_by_a_sample_are_truncated(
+    tmp_path: Path, codec_files: dict[str, Path], codec: str
+) -> None:
+    # Their headers count samples exactly and the codecs have no padding: no tolerance.
+    # (0.1 s let a WAV missing 96 ms, or a FLAC missing its last 100 bytes, pass.)
+    data = codec_files[codec].read_bytes()
+    damaged = tmp_path / f"short{codec_files[codec].suffix}"
+    frame = _FRAME_BYTES[codec]
+    for cut in (frame, 100, round(0.096 * SR) * frame):
+        damaged.write_bytes(data[: len(data) - cut])
+        message = r"short\.\w+: truncated: decodes to 6\.\d+ s of the 6\.80+ s its header gives$"
+        with pytest.raises(AudioError, match=message):
+            load(damaged)
+
+
+def test_a_sample_short_names_lengths_that_differ(tmp_path: Path) -> None:
+    x = _int16_exact(SR)
+    save(tmp_path / "x.wav", x, sample_rate=SR)
+    (tmp_path / "cut.wav").write_bytes((tmp_path / "x.wav").read_bytes()[:-4])
+    with pytest.raises(
+        AudioError, match=r"cut\.wav: truncated: decodes to 0\.99998 s of the 1\.00000 s"
+    ):
+        load(tmp_path / "cut.wav")
+
+
+def test_a_wav_cut_right_after_its_header_is_truncated(tmp_path: Path) -> None:
+    x = _int16_exact(3 * SR)
+    _write_wav_int16(tmp_path / "x.wav", np.rint(x * 32768).astype(np.int16))
+    (tmp_path / "head.wav").write_bytes((tmp_path / "x.wav").read_bytes()[:44])
+    with pytest.raises(
+        AudioError, match=r"head\.wav: truncated: decodes to 0\.000 s of the 3\.000 s its header"
+    ):
+        load(tmp_path / "head.wav")
+
+
+def test_an_offset_in_the_part_cut_off_is_truncated(tmp_path: Path) -> None:
+    save(tmp_path / "x.wav", _int16_exact(20 * SR), sample_rate=SR)
+    data = (tmp_path / "x.wav").read_bytes()
+    (tmp_path / "half.wav").write_bytes(data[: 44 + 10 * SR * 4])  # 10 s of 20
+    message = r"half\.wav: truncated: decodes to 10\.000 s of the 20\.000 s its header gives$"
+    for offset in (5, 12, 25):  # before, after and beyond the cut (a seek from 10 s on)
+        with pytest.raises(AudioError, match=message):
+            load(tmp_path / "half.wav", offset=offset)
+    assert len(load(tmp_path / "half.wav", offset=5, duration=2)) == 2 * SR
+
+
+def test_an_ogg_file_cut_inside_a_page_is_truncated(
+    tmp_path: Path, codec_files: dict[str, Path]
+) -> None:
+    # Ogg has no total length: a cut file ends at the granule of its last whole page
+    data = codec_files["ogg"].read_bytes()
+    damaged = tmp_path / "cut.ogg"
+    for size in (len(data) - 100, len(data) // 2):
+        damaged.write_bytes(data[:size])
+        with pytest.raises(
+            AudioError,
+            match=r"cut\.ogg: truncated: decodes to \d\.\d{3} s, then the file ends inside an "
+            r"Ogg page \(Ogg headers give no total length\)$",
+        ):
+            load(damaged)
+    # a cut exactly between two pages cannot be told from a shorter file (documented)
+    pages = [i for i in range(len(data)) if data.startswith(b"OggS", i)]
+    damaged.write_bytes(data[: pages[len(pages) // 2]])
+    assert 0 < len(load(damaged)) < 6.8 * SR
+    # junk after the last page is not a cut
+    damaged.write_bytes(data + b"\0" * 500)
+    assert abs(len(load(damaged)) / SR - 6.8) < 0.1
 
 
 def test_a_damaged_stem_mp4_is_truncated_in_every_stream(tmp_path: Path, shared_dir: Path) -> None:

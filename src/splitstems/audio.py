@@ -12,10 +12,12 @@ The audio layer of splitstems: the rest of the library only sees numpy waveforms
   as Spleeter's ``to_stereo`` does).
 - Other sample rates are resampled with soxr (``"HQ"``); ``offset`` and ``duration``
   cut the source at sample ``round(offset * source_rate)`` before resampling.
-- Damaged input: a file that decodes more than :data:`LENGTH_TOLERANCE` shorter than
-  the exact length its container gives is an error ("truncated", both lengths) when it
-  is read to its end; NaN and ±inf samples become 0, with one warning per file
-  (:class:`NonFinite`).
+- Damaged input: a file that decodes shorter than the exact length its header gives
+  is an error ("truncated", both lengths) when it is read to its end: by a single
+  sample for PCM WAV/RF64/AIFF and FLAC, by more than :data:`LENGTH_TOLERANCE` for
+  MP4/M4A and MP3 with a frame count (codec priming and padding); an Ogg file that
+  ends inside a page is truncated too (Ogg headers give no length). NaN and ±inf
+  samples become 0, with one warning per file (:class:`NonFinite`).
 - Every write goes to a hidden ``.part`` file in the destination directory that is
   renamed over the destination only once it is complete; the ``.part`` files of
   killed runs are removed (:func:`splitstems.files.remove_stale_temps`).
@@ -300,10 +302,19 @@ def to_channels(name: str, data: np.ndarray, n_channels: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- damage
 
-#: Largest shortfall (seconds) of a decoded stream against the exact length its
-#: container gives before the file counts as truncated (codec priming and padding
-#: are ~50 ms).
+#: Largest shortfall (seconds) of a lossy stream (MP4/AAC, MP3 with a frame count)
+#: against the length its container gives before the file counts as truncated (codec
+#: priming and padding are ~50 ms). Lossless formats whose header counts samples (PCM
+#: WAV, RF64, AIFF, FLAC) must decode to that count exactly.
 LENGTH_TOLERANCE = 0.1
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """The length a stream's header gives, and how much less the decoder may give."""
+
+    samples: int  # sample frames, at the stream's rate
+    slack: int  # shortfall (sample frames) still counted as complete
 
 
 def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
@@ -391,34 +402,96 @@ def _mp3_counts_frames(f: BinaryIO) -> bool:
     return False
 
 
-def _exact_samples(
+def _expected_length(
     name: str, container: av.container.InputContainer, stream: av.audio.stream.AudioStream
-) -> int | None:
-    """Sample frames the container says ``stream`` has, where that figure is exact.
+) -> _Expected | None:
+    """Return the sample frames the header says ``stream`` has, where that is exact.
 
-    Exact: WAV (the ``data`` chunk of PCM, read here: FFmpeg replaces it by the file
-    size when the file is shorter), AIFF (COMM), FLAC (STREAMINFO), MP4/M4A (the
-    track's duration), MP3 with a Xing/Info/VBRI frame count and Ogg (the last page's
-    granule). Anything else (an MP3 without one: estimated from the bitrate; ASF,
-    Matroska, raw AAC...) gives ``None``: unknown.
+    Exact, and decoded to the sample (slack 0): PCM in WAV/RF64 (the ``data`` chunk,
+    read here: FFmpeg replaces it by the file size when the file is shorter), PCM in
+    AIFF (COMM) and FLAC (STREAMINFO; its frames carry exact sample counts and a frame
+    cut short is dropped whole, so even a cut inside the last frame loses samples).
+    Exact but with codec priming and padding (slack :data:`LENGTH_TOLERANCE`): MP4/M4A
+    (the track's duration), other AIFF-C codecs and MP3 with a Xing/Info/VBRI frame
+    count. Anything else gives ``None``: unknown. That is an MP3 without a frame count
+    (estimated from the bitrate), ASF/WMA, Matroska/WebM, raw AAC, and Ogg: its length
+    is the last page's granule position, which a cut file simply has earlier (see
+    :func:`_ogg_cut_page` for what is checked there instead).
     """
     kinds = set(container.format.name.split(","))
     ctx = stream.codec_context
+    rate = int(ctx.sample_rate)
+    lossy_slack = round(LENGTH_TOLERANCE * rate)
+    pcm = ctx.name.startswith("pcm_")
     try:
         with open(name, "rb") as f:
             if "wav" in kinds:
-                return _wav_samples(f) if ctx.name.startswith("pcm_") else None
+                samples = _wav_samples(f) if pcm else None
+                return None if samples is None else _Expected(samples, 0)
             if "flac" in kinds:
-                return _flac_samples(f)
+                samples = _flac_samples(f)
+                return None if samples is None else _Expected(samples, 0)
             if "mp3" in kinds and not _mp3_counts_frames(f):
                 return None
     except OSError:
         return None
-    if not kinds & {"aiff", "mp3", "mp4", "ogg"}:
+    if not kinds & {"aiff", "mp3", "mp4"}:
         return None
     if not stream.duration or not stream.time_base or stream.duration < 0:
         return None
-    return round(stream.duration * stream.time_base * ctx.sample_rate)
+    samples = round(stream.duration * stream.time_base * rate)
+    return _Expected(samples, 0 if "aiff" in kinds and pcm else lossy_slack)
+
+
+# Ogg pages are at most 27 + 255 + 255 * 255 bytes: the last four fit in this much.
+_OGG_TAIL = 1 << 18
+
+
+def _ogg_cut_page(name: str) -> bool:
+    """Whether an Ogg file ends inside a page (it was cut there).
+
+    A complete Ogg file is a chain of whole pages, each with its length in its header;
+    FFmpeg drops a page the file ends inside, and with it the samples after the
+    previous page's granule. The pages of the file's last :data:`_OGG_TAIL` bytes are
+    walked from the first one found: a page reaching past the end of the file means a
+    cut. Anything that does not parse as pages (trailing junk) is not called a cut, nor
+    is a file cut exactly between two pages (nothing there tells it apart).
+    """
+    try:
+        size = os.path.getsize(name)
+        with open(name, "rb") as f:
+            start = max(0, size - _OGG_TAIL)
+            data = _read_at(f, start, size - start)
+    except OSError:
+        return False
+    candidate = data.find(b"OggS\x00")
+    while candidate >= 0:
+        cut = _ogg_walk(data, candidate)
+        if cut is not None:
+            return cut
+        candidate = data.find(b"OggS\x00", candidate + 1)
+    return False
+
+
+def _ogg_walk(data: bytes, at: int) -> bool | None:
+    """Walk pages from ``at``: whether the last is cut short; ``None``: these are not pages."""
+    n_pages = 0
+    while at < len(data):
+        if not data.startswith(b"OggS\x00"[: len(data) - at], at) or (
+            at + 5 < len(data) and data[at + 5] > 7  # header type: 3 flag bits
+        ):
+            return None  # not a page: misaligned, or junk after the last page
+        end = at + 27
+        if end <= len(data):
+            end += data[at + 26]  # the segment table
+        if end <= len(data):
+            end += sum(data[at + 27 : end])  # the page's data
+        if end > len(data):
+            # a page that does not fit is a cut only after one that did (a false
+            # "OggS" inside the data of the first page walked could claim anything)
+            return True if n_pages else None
+        at, n_pages = end, n_pages + 1
+    return False
 
 
 class NonFinite:
@@ -591,8 +664,10 @@ class _Source:
         if decoded == 0:  # only possible without a seek
             if log.error is not None:
                 raise AudioError(f"{self.name}: no audio decoded ({log.error})")
+            self._check_complete(0)  # a header announcing samples that are not there
             raise AudioError(f"{self.name}: zero-length audio")
         if position <= self.start:
+            self._check_complete(position)  # the offset may lie in what was cut off
             raise AudioError(
                 f"{self.name}: offset {self.offset:g} s is beyond the end of the audio "
                 f"({position / self.rate:.3f} s)"
@@ -601,12 +676,17 @@ class _Source:
         self._done(non_finite)
 
     def _check_complete(self, decoded: int) -> None:
-        """Raise if the stream ended (after ``decoded`` samples) well before its container says."""
-        expected = _exact_samples(self.name, self.container, self.audio)
-        if expected is not None and decoded < expected - LENGTH_TOLERANCE * self.rate:
+        """Raise if the stream ended (after ``decoded`` samples) before its header says."""
+        expected = _expected_length(self.name, self.container, self.audio)
+        if expected is not None and decoded < expected.samples - expected.slack:
+            have, want = _seconds_apart(decoded / self.rate, expected.samples / self.rate)
             raise AudioError(
-                f"{self.name}: truncated: decodes to {decoded / self.rate:.3f} s "
-                f"of the {expected / self.rate:.3f} s its header gives"
+                f"{self.name}: truncated: decodes to {have} s of the {want} s its header gives"
+            )
+        if "ogg" in self.container.format.name.split(",") and _ogg_cut_page(self.name):
+            raise AudioError(
+                f"{self.name}: truncated: decodes to {decoded / self.rate:.3f} s, then the "
+                "file ends inside an Ogg page (Ogg headers give no total length)"
             )
 
     def _finish(
@@ -618,6 +698,15 @@ class _Source:
     def _done(self, non_finite: NonFinite) -> None:
         if self.warn:
             non_finite.report()
+
+
+def _seconds_apart(a: float, b: float) -> tuple[str, str]:
+    """Format ``a`` and ``b`` (seconds) with 3 decimals, or as many more (to 6) as differ."""
+    for digits in range(3, 7):
+        texts = f"{a:.{digits}f}", f"{b:.{digits}f}"
+        if texts[0] != texts[1]:
+            break
+    return texts
 
 
 def _chain_one(first: av.AudioFrame, rest: Iterator[av.AudioFrame]) -> Iterator[av.AudioFrame]:
@@ -701,9 +790,12 @@ def load(
     Raises:
         AudioError: Missing, empty or non-audio file, no such stream, nothing
             decodable, zero-length audio, ``offset`` past the end, or a truncated
-            file: reading to its end gives more than :data:`LENGTH_TOLERANCE` less
-            than the exact length its container gives (WAV, AIFF, FLAC, MP4, Ogg, and
-            MP3 with a Xing/Info/VBRI header; other durations are estimates).
+            file: reading to its end gives less than the exact length its header
+            gives (PCM WAV/RF64/AIFF and FLAC: by a sample; MP4/M4A and MP3 with a
+            Xing/Info/VBRI header: by more than :data:`LENGTH_TOLERANCE`), or an Ogg
+            file ends inside a page. Other lengths are estimates or absent and are not
+            checked (MP3 without a frame count, ASF/WMA, Matroska/WebM, raw AAC; an
+            Ogg file cut exactly between two pages).
         ValueError: Invalid arguments.
 
     """
