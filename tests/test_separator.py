@@ -244,3 +244,53 @@ def test_a_file_warns_once_whatever_the_number_of_passes(rng, tmp_path, caplog):
         f"{tmp_path / 'six.wav'}: keeping the first 2 of its 6 channels",
         f"{tmp_path / 'six.wav'}: 1 non-finite sample replaced by 0 (first at 0.023 s)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fix"),
+    [
+        (
+            np.int16,
+            r"got integer samples \(dtype int16\): pass float samples in \[-1, 1\], "
+            r"e\.g\. x / 32768$",
+        ),
+        (np.int32, r"\(dtype int32\): .*e\.g\. x / 2\*\*31$"),
+        (np.uint8, r"\(dtype uint8\): .*e\.g\. \(x - 128\) / 128$"),
+        (np.int64, r"\(dtype int64\): .*e\.g\. x / 32768 for 16-bit values$"),
+        (np.bool_, r"got dtype bool: pass float samples in \[-1, 1\]$"),
+        (np.complex64, r"got complex samples \(dtype complex64\): .*\(x\.real\)$"),
+    ],
+)
+def test_separate_refuses_samples_that_are_not_floats(separator_2stems, rng, dtype, fix):
+    # int16 samples were taken as floats: stems 32767 times too loud, and no error
+    x = rng.uniform(-0.5, 0.5, (44100, 2))
+    samples = (x * 32767).astype(dtype) if dtype != np.bool_ else x > 0
+    with pytest.raises(AudioError, match=rf"^waveform: .*{fix}"):
+        separator_2stems.separate(samples)
+    with pytest.raises(AudioError, match=r"^waveform: got integer samples \(dtype int"):
+        separator_2stems.separate([[1, 2], [3, 4]] * 10)  # a list of ints is integers too
+    stems = separator_2stems.separate(x.astype(np.float16))  # any float dtype is fine
+    assert all(v.dtype == np.float32 and v.shape == x.shape for v in stems.values())
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        (
+            {"codec": "mp3", "bitrate": "500k"},
+            r"codec mp3: bitrate 500k is outside what "
+            r"libmp3lame can do \(32k-320k at 44100 Hz, 2 channels\)$",
+        ),
+        ({"codec": "flac", "bit_depth": "32f"}, r"codec flac: flac supports bit_depth 16 or 24"),
+        ({"codec": "wav", "bit_depth": 20}, r"codec wav: bit_depth must be 16, 24, 32 or '32f'"),
+        ({"codec": "ogg", "bitrate": "fast"}, r"codec ogg: bitrate must look like '128k'"),
+        ({"codec": "aiff"}, r"codec aiff: unknown codec 'aiff'"),
+    ],
+)
+def test_separate_to_file_refuses_encoding_settings_before_reading(
+    separator_2stems, tmp_path, settings, problem
+):
+    # an OutputError (as documented), before the input is even opened (it is missing here)
+    with pytest.raises(OutputError, match=rf"^{problem}"):
+        separator_2stems.separate_to_file(tmp_path / "missing.wav", tmp_path / "out", **settings)
+    assert not (tmp_path / "out").exists()

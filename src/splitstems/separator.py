@@ -247,13 +247,17 @@ class Separator:
         ``waveform`` is anything ``numpy.asarray`` turns into numbers (an array, a list);
         it is never modified. ``sample_rate`` defaults to the model's (44.1 kHz); other
         rates are resampled for the model and the stems resampled back, so they have the
-        input's rate and length. NaN and ±inf samples are replaced by 0, with one
-        warning. Returns instrument → ``(n_samples, 2)`` float32. ``audio_descriptor``
-        is ignored (the original's signature).
+        input's rate and length. Samples are floats in [-1, 1]: integer PCM (``int16``
+        from a WAV reader, say) is refused rather than separated 32768 times too loud;
+        divide it first (``x / 32768`` for int16). NaN and ±inf samples are replaced by
+        0, with one warning. Returns instrument → ``(n_samples, 2)`` float32.
+        ``audio_descriptor`` is ignored (the original's signature).
 
         Raises:
-            AudioError: empty audio, or a shape that is not ``(n_samples, n_channels)``:
-                more than :data:`MAX_CHANNELS` channels, or what looks transposed
+            AudioError: empty audio; samples that are not floats (integer, bool or
+                complex dtypes: the message names the dtype and the division to
+                apply); or a shape that is not ``(n_samples, n_channels)``: more than
+                :data:`MAX_CHANNELS` channels, or what looks transposed
                 (``(channels, samples)``: at most 8 rows and more columns).
             ValueError: ``sample_rate`` is not a positive integer.
         """
@@ -301,7 +305,26 @@ class Separator:
         ``audio_adapter`` and ``synchronous`` are accepted for compatibility and ignored
         (the call always returns when the files are written; :meth:`join` is a no-op).
         The returned dict also tells the stems' length (:class:`StemFiles`).
+
+        Raises:
+            OutputError: before anything is decoded or written: encoding settings the
+                codec cannot do (an unknown codec, a bitrate outside what its encoder
+                does, such as mp3 at 500k, a bit depth it has no format for, such as
+                flac at 32f; see :func:`splitstems.audio.check_encoding`), a bad
+                ``filename_format`` or an output path outside ``destination``; while
+                writing, an output that cannot be written.
+            AudioError: the input cannot be read or is damaged (truncated, ...); no
+                stem is left behind.
         """
+        # Settings a codec ignores (a bitrate with wav) are not worth a warning here: the
+        # defaults always pass both. The command line warns about those it was given.
+        audio.check_encoding(
+            codec,
+            bitrate=bitrate,
+            bit_depth=bit_depth,
+            sample_rate=self.sample_rate,
+            n_channels=self.config.n_channels,
+        )
         source = Path(audio_descriptor)
         paths = output_paths(
             source,
@@ -409,7 +432,10 @@ _TRANSPOSED_ROWS = 8
 def _as_waveform(waveform: object) -> np.ndarray:
     """Return ``waveform`` as float32 ``(n_samples, n_channels)`` (maybe the same memory)."""
     try:
-        data = np.asarray(waveform, dtype=np.float32)
+        raw = np.asarray(waveform)
+        if raw.dtype.kind in _NOT_FLOAT:
+            raise AudioError(_not_float(raw.dtype))
+        data = raw.astype(np.float32, copy=False)
     except (TypeError, ValueError) as exc:
         raise AudioError(
             f"waveform: expected numbers of shape (n_samples, n_channels) ({exc})"
@@ -430,6 +456,28 @@ def _as_waveform(waveform: object) -> np.ndarray:
             f"channels, got {data.shape}"
         )
     return data
+
+
+# dtype kinds refused by Separator.separate: bool, signed and unsigned integers, complex.
+_NOT_FLOAT = "biuc"
+# What turns integer PCM of these dtypes into floats in [-1, 1].
+_INT_SCALES = {
+    "int8": "x / 128",
+    "uint8": "(x - 128) / 128",
+    "int16": "x / 32768",
+    "int32": "x / 2**31",
+}
+
+
+def _not_float(dtype: np.dtype) -> str:
+    """Return the message refusing samples of ``dtype``: what they are, what to pass."""
+    fix = "pass float samples in [-1, 1]"
+    if dtype.kind == "b":
+        return f"waveform: got dtype {dtype}: {fix}"
+    if dtype.kind == "c":
+        return f"waveform: got complex samples (dtype {dtype}): {fix} (x.real)"
+    scale = _INT_SCALES.get(dtype.name, "x / 32768 for 16-bit values")
+    return f"waveform: got integer samples (dtype {dtype}): {fix}, e.g. {scale}"
 
 
 def _missing_parents(paths: Iterable[Path]) -> list[Path]:
