@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -283,6 +284,8 @@ def test_wiener_options_need_mwf(song, tmp_path, capsys, option):
         ["-d", "0"],
         ["-d", "inf"],
         ["--overlap", "1"],
+        ["--overlap", "0.9"],  # the engine's step check refused these with another format
+        ["--overlap", "0.876"],
         ["--batch-segments", "0"],
         ["--mwf-exponent", "0"],
         ["--mwf-exponent", "nan"],
@@ -335,6 +338,62 @@ def test_failed_file_leaves_no_empty_folders(tmp_path):
     out = tmp_path / "out"
     assert run("separate", "-o", out, silent) == 1
     assert not out.exists()
+
+
+def test_overlap_range_is_the_engines(capsys):
+    from splitstems.cli.options import MAX_OVERLAP
+    from splitstems.engine import MIN_STEP
+
+    assert MAX_OVERLAP == 1 - MIN_STEP
+    parser = build_parser()
+    assert parser.parse_args(["separate", "--overlap", "0.875", "x.wav"]).overlap == 0.875
+    with pytest.raises(SystemExit):
+        parser.parse_args(["separate", "--overlap", "0.9", "x.wav"])
+    assert capsys.readouterr().err == (
+        "splitstems separate: error: argument --overlap: must be a number from 0 to 0.875: "
+        "'0.9' (see splitstems separate --help)\n"
+    )
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("separate", "evaluate"):
+        help_text = " ".join(commands.choices[name].format_help().split())
+        assert "overlap of consecutive model segments, 0 to 0.875 (0 is" in help_text
+
+
+def test_log_lines_look_like_the_commands_own_messages():
+    from splitstems.cli.main import LogFormatter
+
+    def line(name: str, level: int, verbose: bool) -> str:
+        record = logging.LogRecord(name, level, __file__, 1, "%s: bad", ("a.wav",), None)
+        return LogFormatter(verbose=verbose).format(record)
+
+    assert line("splitstems.audio", logging.WARNING, False) == "warning: a.wav: bad"
+    assert line("splitstems", logging.ERROR, False) == "error: a.wav: bad"
+    assert line("splitstems.engine", logging.INFO, False) == "info: a.wav: bad"
+    # --verbose names the logger, as does a line from another library
+    assert (
+        line("splitstems.audio", logging.WARNING, True) == "warning: splitstems.audio: a.wav: bad"
+    )
+    assert line("torch", logging.WARNING, False) == "warning: torch: a.wav: bad"
+
+
+def test_warnings_from_the_library_and_the_command_look_alike(tmp_path, model_env):
+    # "warning: codec flac: ..." (printed) beside "WARNING:splitstems.audio:..." (logged)
+    x = np.zeros((44100, 2), np.float32)
+    x[22050, 0] = np.nan
+    audio.save(tmp_path / "nan.wav", x, sample_rate=44100, bit_depth="32f")
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "separate", "-c", "flac", "-b", "192k"]
+        + ["-o", str(tmp_path / "out"), str(tmp_path / "nan.wav")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **model_env},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: codec flac: lossless, the bitrate 192k is ignored",
+        f"warning: {tmp_path / 'nan.wav'}: 1 non-finite sample replaced by 0 (first at 0.500 s)",
+    ]
 
 
 def test_convert_missing_checkpoint(tmp_path, capsys):

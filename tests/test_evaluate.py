@@ -534,7 +534,7 @@ class _Evaluation:
         assert self.proc.stdout is not None
         stdout = self.proc.stdout.read()
         self.reader.join()
-        return code, stdout, [line for line in self.lines if not line.startswith("INFO:")]
+        return code, stdout, [line for line in self.lines if not line.startswith("info: ")]
 
     def stop(self, signum: int, *, group: bool = False) -> tuple[int, str, list[str], float]:
         """Send ``signum`` (to the whole process group, as a terminal's Ctrl-C does)."""

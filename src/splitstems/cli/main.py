@@ -68,6 +68,32 @@ def install_signal_handlers() -> None:
             signal.signal(number, _on_signal)
 
 
+class LogFormatter(logging.Formatter):
+    """Log lines as the command's own messages: ``warning: <message>``, ``error: ...``.
+
+    The level in lower case, then the message. With ``verbose`` (``--verbose``), and
+    always for other libraries' loggers, the logger's name comes in between
+    (``warning: splitstems.audio: ...``) to tell where a line comes from.
+    """
+
+    def __init__(self, *, verbose: bool = False) -> None:
+        super().__init__("%(message)s")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return ``<level>: [<logger>: ]<message>`` (a traceback, if any, below it)."""
+        ours = record.name == "splitstems" or record.name.startswith("splitstems.")
+        where = f"{record.name}: " if self.verbose or not ours else ""
+        return f"{record.levelname.lower()}: {where}{super().format(record)}"
+
+
+def setup_logging(*, verbose: bool) -> None:
+    """Log to stderr with :class:`LogFormatter`: warnings and worse, and info if ``verbose``."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter(verbose=verbose))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     mark_start()  # start-up is the first window in which other processes' load is seen
@@ -77,10 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     install_signal_handlers()
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-        format="%(levelname)s:%(name)s:%(message)s",
-    )
+    setup_logging(verbose=getattr(args, "verbose", False))
     try:
         return args.handler(args)
     except SplitstemsError as exc:

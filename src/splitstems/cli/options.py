@@ -55,14 +55,19 @@ def duration(text: str) -> float:
     return seconds(text, allow_zero=False)
 
 
-def fraction(text: str) -> float:
-    """Parse a number from 0 to below 1."""
+#: Largest ``--overlap``: segments start at least 1/8 of a segment apart (the engine's
+#: ``MIN_STEP``, which checks the step it derives for API callers too).
+MAX_OVERLAP = 0.875
+
+
+def overlap(text: str) -> float:
+    """Parse an overlap of model segments, from 0 to :data:`MAX_OVERLAP`."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to below 1: {text!r}")
+    if not 0.0 <= value <= MAX_OVERLAP:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to {MAX_OVERLAP:g}: {text!r}")
     return value
 
 
@@ -150,10 +155,11 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--overlap",
-        type=fraction,
+        type=overlap,
         default=0.0,
-        help="overlap of consecutive model segments, 0 to <1 (0.5 removes seams; "
-        "0 is the original's output)",
+        help=f"overlap of consecutive model segments, 0 to {MAX_OVERLAP:g} (0 is the "
+        f"original's output; 0.5 removes seams and doubles the model's work, {MAX_OVERLAP:g} "
+        "is 8x)",
     )
 
 
