@@ -41,6 +41,26 @@ def test_a_new_file_gets_the_mode_of_a_plain_open(tmp_path):
 
 
 @posix_only
+def test_a_writer_that_makes_its_own_file_does_not_set_the_mode(tmp_path):
+    # safetensors' save_file replaces the file it is given by one of mode 0600: the
+    # result must still have the mode of a plain open() (the umask applies, unchanged).
+    def private_writer(path: Path) -> None:
+        path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"weights")
+        os.close(fd)
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "model.safetensors", private_writer)
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o644
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
+
+
+@posix_only
 def test_the_umask_is_never_changed(tmp_path, monkeypatch):
     # os.umask is process-wide: flipping it to read it races with other threads' files
     def no_umask(mask: int) -> int:

@@ -121,8 +121,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Pat
     file at the path it is given. On any error the temp file is removed and the target
     is left as it was. An existing target keeps its permission bits; a new one gets
     those of a plain ``open(path, "w")`` (``0o666`` less the umask, which is never
-    changed, so threads are safe). Stale temp files of ``path`` are removed first
-    (see :func:`remove_stale_temps`).
+    changed, so threads are safe), whatever mode a writer function gave the file.
+    Stale temp files of ``path`` are removed first (see :func:`remove_stale_temps`).
     """
     path = Path(path)
     try:
@@ -134,6 +134,10 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Pat
     # starts private and gets that file's bits at the end (no wider window meanwhile).
     fd, tmp = _create(path, 0o666 if keep_mode is None else 0o600)
     try:
+        # What open() gave the new file (0o666 less the umask, read without changing it):
+        # a writer function may replace the temp file with one of its own mode
+        # (safetensors' save_file creates it 0o600).
+        mode = stat.S_IMODE(os.fstat(fd).st_mode) if keep_mode is None else keep_mode
         with os.fdopen(fd, "wb") as fh:
             if isinstance(data, str):
                 fh.write(data.encode("utf-8"))
@@ -143,8 +147,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[Pat
             data(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        if keep_mode is not None:
-            os.chmod(tmp, keep_mode)
+        if keep_mode is not None or callable(data):
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
