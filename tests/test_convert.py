@@ -7,10 +7,12 @@ with :func:`write_checkpoint` from the real indexes (same names, shapes and offs
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -459,6 +461,35 @@ def test_convert_real_2stems_to_safetensors(real_2stems: Path, tmp_path: Path) -
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert all(k.endswith("num_batches_tracked") for k in result.missing_keys)
+
+
+@pytest.mark.skipif(not hasattr(os, "umask"), reason="POSIX modes")
+def test_converted_files_get_the_mode_of_a_plain_open(real_2stems: Path, tmp_path: Path) -> None:
+    # model.safetensors used to be 0600 (safetensors' writer) beside a 0644 config.json.
+    old = os.umask(0o022)
+    try:
+        path = convert_checkpoint(real_2stems, tmp_path / "out", load_config("spleeter:2stems"))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
+
+
+def test_a_checkpoint_holding_nan_is_refused(
+    vars_2stems: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    tensors = dict(vars_2stems)
+    bad = np.array(tensors["batch_normalization_3/moving_variance"])
+    bad[[1, 7]] = [np.nan, np.inf]
+    tensors["batch_normalization_3/moving_variance"] = bad
+    write_checkpoint(tmp_path / "ckpt" / "model", tensors)  # valid crc32c: a diverged run
+    with pytest.raises(CheckpointError) as info:
+        convert_checkpoint(tmp_path / "ckpt", tmp_path / "out", load_config("spleeter:2stems"))
+    assert str(info.value) == (
+        f"{tmp_path / 'ckpt' / 'model'}.index: variable 'batch_normalization_3/moving_variance' "
+        f"holds 2 NaN or infinite values (of {bad.size}); the checkpoint cannot be used"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["spleeter:4stems", "spleeter:5stems"])

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from splitstems import hub, weights
@@ -373,11 +374,59 @@ def _truncate_old_entry(path: Path) -> None:  # an entry of an older version: no
     _truncate(path)
 
 
+POISONED = "unets.vocals.encoder.1.bn.running_var"
+
+
+def _poison(path: Path) -> None:
+    """Set one tensor to NaN in place (a damaged file: its bytes, not its structure)."""
+    info = weights.inspect(path)[POISONED]
+    start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as fh:
+        fh.seek(start + info.begin)
+        fh.write(np.full(info.shape, np.nan, np.float32).tobytes())
+    os.utime(path, ns=(0, 1))
+
+
+def _poison_old_entry(path: Path) -> None:
+    (path.parent / weights.RECORD).unlink()
+    _poison(path)
+
+
+def _zero_unrecorded(path: Path) -> None:
+    """The review's case: record removed, 20 MB of the weights overwritten with zeros."""
+    (path.parent / weights.RECORD).unlink()
+    with open(path, "r+b") as fh:
+        fh.seek(10 << 20)
+        fh.write(bytes(20 << 20))
+
+
+def _zero_under_an_old_record(path: Path) -> None:
+    """Zeros, then a version 1 record of them (what version 1 wrote for an unrecorded file)."""
+    _zero_unrecorded(path)
+    stat = path.stat()
+    (path.parent / weights.RECORD).write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "file": path.name,
+                "sha256": weights.sha256(path),
+                "stamp": [stat.st_size, stat.st_mtime_ns, stat.st_ino],
+            }
+        )
+    )
+
+
+NAN = f"tensor {POISONED!r} holds 32 NaN or infinite values (of 32)"
+UNRECORDED = f"{weights.NO_RECORD}, so it cannot be verified"
 REPAIRS = {
     "truncated": (_truncate, "truncated (the header describes 78,614,072 bytes"),
     "changed bytes": (_flip_last_byte, "its sha256 ("),
     "a folder": (_make_folder, "is a folder, not a safetensors weights file"),
     "old entry, truncated": (_truncate_old_entry, "truncated"),
+    "NaN weights": (_poison, NAN),
+    "old entry, NaN weights": (_poison_old_entry, NAN),
+    "no record, zeros": (_zero_unrecorded, None),
+    "old record of zeros": (_zero_under_an_old_record, None),
 }
 
 
@@ -395,24 +444,87 @@ def test_damaged_converted_entry_is_converted_again_with_a_warning(
     assert again == first and _tensor_digest(again) == digest
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert message.startswith(f"{first}: damaged cache entry ({cause}")
+    if cause is None:  # whole and finite, but nothing vouches for it: not trusted
+        assert message.startswith(f"{first}: {UNRECORDED}; converting ")
+    else:
+        assert message.startswith(f"{first}: damaged cache entry ({cause}")
     assert message.endswith(f"; converting {checkpoint_2stems / 'model.index'} again")
     assert "\n" not in message
     assert weights.verify(again) is None
     assert {p.name for p in (cache / "converted").iterdir()} == {first.parent.name}
 
 
-def test_entry_of_an_older_version_is_hashed_once_and_recorded(
+def test_converted_entry_records_once_and_is_then_trusted(
     checkpoint_2stems: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = load_config("spleeter:2stems")
-    first = hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
-    record = first.parent / weights.RECORD
-    recorded = json.loads(record.read_text())
-    record.unlink()
+    old = os.umask(0o022)
+    try:
+        first = hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
+    finally:
+        os.umask(old)
+    record = json.loads((first.parent / weights.RECORD).read_text())
+    assert record["version"] == 2 and record["sha256"] == weights.sha256(first)
+    # Files as a plain open() makes them (the weights used to be 0600).
+    modes = {p.name: p.stat().st_mode & 0o777 for p in first.parent.iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "config.json", weights.RECORD], 0o644)
     _no_conversion(monkeypatch)
     assert hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False) == first
-    assert json.loads(record.read_text()) == recorded
+
+
+def test_unrecorded_converted_entry_in_a_read_only_cache_is_used_with_a_warning(
+    checkpoint_2stems: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config("spleeter:2stems")
+    first = hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
+    (first.parent / weights.RECORD).unlink()
+    shutil.rmtree(cache / ".locks")
+    (cache / ".locks").write_bytes(b"")  # no lock can be taken: the cache cannot be written
+    with caplog.at_level(logging.WARNING, logger="splitstems.hub"):
+        assert hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False) == first
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith(
+        f"{first}: {weights.NO_RECORD}, and it cannot be converted again ({cache}: cannot write"
+    )
+    assert message.endswith("; using it as found (whole, finite)")
+    _poison(first)  # damaged where it shows: an error, not a warning
+    with pytest.raises(ModelError, match=f"^{cache}: cannot write to the model cache"):
+        hub.resolve_weights(config, model_dir=checkpoint_2stems, download=False)
+
+
+def test_unrecorded_download_entry_is_checked_then_recorded_or_fetched_again(
+    checkpoint_2stems: Path,
+    releases: Path,
+    cache: Path,
+    server: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # cache/2stems/ as an older version left it, or as placed by hand (as the offline
+    # error says): no source here, so whole and finite weights are kept and recorded,
+    # without a download (offline users keep working).
+    from splitstems.convert import convert_checkpoint
+
+    config = load_config("spleeter:2stems")
+    placed = convert_checkpoint(checkpoint_2stems, cache / "2stems", config)
+    digest = _tensor_digest(placed)
+    assert hub.resolve_weights(config) == placed  # SPLITSTEMS_DOWNLOAD_URL unreachable
+    assert json.loads((cache / "2stems" / weights.RECORD).read_text())["version"] == 2
+    # Damaged where it shows (NaN), without a record: refused offline, fetched online.
+    _poison_old_entry(placed)
+    with pytest.raises(ModelError) as info:
+        hub.resolve_weights(config, download=False)
+    assert str(info.value).startswith(
+        f"{placed}: {NAN}; the cached weights are damaged and "
+        "cannot be fetched again (downloading is disabled)"
+    )
+    base, requests = server
+    _use_release(monkeypatch, releases, "root", f"{base}/root")
+    with caplog.at_level(logging.WARNING, logger="splitstems.hub"):
+        assert hub.resolve_weights(config, progress=False) == placed
+    assert requests == ["/root/2stems.tar.gz"] and _tensor_digest(placed) == digest
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message == f"{placed}: damaged cache entry ({NAN}); downloading it again"
 
 
 def test_damaged_download_entry_is_downloaded_again(

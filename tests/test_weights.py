@@ -105,6 +105,37 @@ def test_damaged_file_is_one_line_naming_file_and_cause(kind: str, tmp_path: Pat
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_weights_that_are_not_finite_are_refused(
+    dtype: torch.dtype, value: float, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    rng = np.random.default_rng(3)
+    bias = torch.from_numpy(rng.standard_normal(8).astype(np.float32)).to(dtype)
+    bias[5] = value
+    big = torch.from_numpy(rng.standard_normal((4, 1000)).astype(np.float32)).to(dtype)
+    save_file({"a.bias": bias, "a.weight": big, "b.weight": big.clone()}, str(path))
+    problem = "tensor 'a.bias' holds 1 NaN or infinite value (of 8)"
+    with pytest.raises(ModelError) as info:
+        weights.load(path)
+    assert str(info.value) == (
+        f"{path}: {problem}; damaged, or saved from a training run that diverged"
+    )
+    # Cached weights: damaged, never recorded (whatever the record asks for).
+    assert weights.verify(path) == problem
+    assert weights.verify(path, require_record=True) == problem
+    assert not (tmp_path / weights.RECORD).exists()
+    with pytest.raises(ModelError, match="NaN or infinite"):
+        weights.write_record(path)
+    bias[5] = 0.5
+    big[1, 999] = value  # the last value of a larger tensor is found too
+    save_file({"a.bias": bias, "a.weight": big, "b.weight": big.clone()}, str(path))
+    with pytest.raises(ModelError, match=r"^.*: tensor 'a.weight' holds 1 NaN .* \(of 4,000\)"):
+        weights.load(path)
+    assert weights.verify(path).startswith("tensor 'a.weight' holds 1 NaN")
+
+
 def test_good_file_loads_and_inspects(tmp_path: Path) -> None:
     path = _small(tmp_path / "model.safetensors")
     header = weights.inspect(path)
@@ -135,7 +166,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "wrong tensors", "wrong shape"])
+@pytest.mark.parametrize("kind", ["truncated", "random", "wrong tensors", "wrong shape", "NaN"])
 def test_load_model_from_a_folder_with_damaged_weights(
     kind: str, good_2stems: Path, tmp_path: Path
 ) -> None:
@@ -152,6 +183,14 @@ def test_load_model_from_a_folder_with_damaged_weights(
         state = {k.replace("vocals", "drums"): v for k, v in _state(good_2stems).items()}
         save_file(state, str(path))
         cause = r"the weights do not fit the model \(74 missing: unets\.vocals"
+    elif kind == "NaN":  # used to give NaN or silent stems, exit 0
+        state = _state(good_2stems)
+        state["unets.accompaniment.encoder.2.bn.running_var"].fill_(float("nan"))
+        save_file(state, str(path))
+        cause = (
+            r"tensor 'unets.accompaniment.encoder.2.bn.running_var' holds 64 NaN or infinite "
+            r"values \(of 64\); damaged, or saved from a training run that diverged$"
+        )
     else:
         state = _state(good_2stems)
         state["unets.vocals.output.bias"] = torch.zeros(3)
@@ -241,3 +280,22 @@ def test_verify_of_an_old_entry_with_a_damaged_file_writes_no_record(tmp_path: P
     _truncate(path)
     assert weights.verify(path).startswith("truncated")
     assert not (tmp_path / weights.RECORD).exists()
+
+
+def test_verify_with_a_known_source_wants_a_current_record(tmp_path: Path) -> None:
+    # Whole, finite weights without a record cannot be told from weights damaged where
+    # it does not show (zeros written over them): where the source is known, they are
+    # "unrecorded" (the cache rebuilds them); elsewhere they are recorded as found.
+    path = _small(tmp_path / "model.safetensors")
+    assert weights.verify(path, require_record=True) == weights.NO_RECORD
+    assert not (tmp_path / weights.RECORD).exists()
+    weights.write_record(path)
+    record = json.loads((tmp_path / weights.RECORD).read_text())
+    assert record["version"] == 2 and record["sha256"] == weights.sha256(path)
+    assert weights.verify(path, require_record=True) is None
+    # A version 1 record may hold the sha256 of a damaged file (version 1 recorded any
+    # whole file it found): it is no longer enough.
+    (tmp_path / weights.RECORD).write_text(json.dumps(record | {"version": 1}))
+    assert weights.verify(path, require_record=True) == weights.NO_RECORD
+    assert weights.verify(path) is None  # no source known: checked in full, recorded again
+    assert json.loads((tmp_path / weights.RECORD).read_text())["version"] == 2

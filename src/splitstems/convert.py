@@ -844,7 +844,8 @@ def convert_checkpoint(
         The path of ``model.safetensors``.
 
     Raises:
-        CheckpointError: the checkpoint is unreadable, corrupt or not for this model.
+        CheckpointError: the checkpoint is unreadable, corrupt, not for this model, or
+            holds NaN or infinite values.
         OutputError: the files cannot be written (nothing half-written is left).
     """
     from safetensors import SafetensorError
@@ -857,6 +858,14 @@ def convert_checkpoint(
     except CheckpointError as exc:
         raise CheckpointError(f"{prefix}.index: {exc}") from None
     tf_vars = read_checkpoint(prefix, names=sorted(set(mapping.values())))
+    for name, values in tf_vars.items():  # a diverged training run's checkpoint
+        if not np.isfinite(values).all():
+            count = int(np.count_nonzero(~np.isfinite(values)))
+            raise CheckpointError(
+                f"{prefix}.index: variable {name!r} holds {count:,} NaN or infinite "
+                f"value{'s' if count > 1 else ''} (of {values.size:,}); the checkpoint "
+                "cannot be used"
+            )
     state = tf_to_state_dict(tf_vars, config)
     metadata = {
         "format": "pt",

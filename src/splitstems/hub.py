@@ -17,10 +17,15 @@ found, in this order, in
 5. a download of the released archive (sha256-checked, converted, cached).
 
 What the cache holds is verified before use: each entry keeps the sha256 of its weights
-(``checksum.json``, see :mod:`splitstems.weights`), and an entry found damaged is
-rebuilt, with a warning, from its source (the local checkpoint again, or a new
-download). Conversions are keyed by the checkpoint files' real paths (symlinks and
-relative paths resolved), their sizes and mtimes.
+(``checksum.json``, see :mod:`splitstems.weights`), and an entry found damaged (changed
+since it was recorded, truncated, NaN or infinite values) is rebuilt, with a warning,
+from its source (the local checkpoint again, or a new download). A converted entry
+without a record is converted again too (its checkpoint is at hand, and nothing else
+tells a good file from one damaged where it cannot be seen: zeros written over
+weights); a downloaded or hand-placed entry without one is checked whole and finite and
+recorded as found (it may have no other source here: offline, or placed by hand as
+:func:`resolve_weights`' error suggests). Conversions are keyed by the checkpoint
+files' real paths (symlinks and relative paths resolved), their sizes and mtimes.
 
 Environment: ``SPLITSTEMS_CACHE`` (cache folder), ``SPLITSTEMS_MODEL_DIR`` (local models),
 ``MODEL_PATH`` (Spleeter's, used when ``SPLITSTEMS_MODEL_DIR`` is unset),
@@ -222,12 +227,16 @@ def _staging(folder: Path, name: str) -> Iterator[Path]:
         yield Path(path)
 
 
-def _damage(entry: Path) -> str | None:
-    """Why the cache entry ``entry`` cannot be used: None if it can, "" if it is absent."""
+def _damage(entry: Path, *, rebuildable: bool = False) -> str | None:
+    """Why the cache entry ``entry`` cannot be used: None if it can, "" if it is absent.
+
+    ``rebuildable``: its source is at hand, so an entry without a record is not trusted
+    (:data:`splitstems.weights.NO_RECORD`).
+    """
     weights = entry / _WEIGHTS
     if not os.path.lexists(weights):
         return ""
-    return _weights.verify(weights)
+    return _weights.verify(weights, require_record=rebuildable)
 
 
 def _record(staging: Path) -> None:
@@ -517,29 +526,48 @@ def _convert_cached(prefix: Path, config: ModelConfig) -> Path:
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     name = f"{_safe_name(config.model_dir)}-{key}"
     final = cache_dir() / "converted" / name
-    if _damage(final) is None:
+    first = _damage(final, rebuildable=True)
+    if first is None:
         return final / _WEIGHTS
-    with _locked(f"convert-{name}"):
-        damage = _damage(final)
-        if damage is None:  # another process converted it while we waited
-            return final / _WEIGHTS
-        if damage:
-            log.warning(
-                "%s: damaged cache entry (%s); converting %s again",
-                final / _WEIGHTS,
-                damage,
-                index,
-            )
-        else:
-            log.info("converting %s into %s", index, final)
-        with _staging(final.parent, name) as work:
-            staging = work / "converted"
-            try:
-                convert_checkpoint(prefix, staging, _base_config(config), source=str(index))
-                _record(staging)
-                _install(staging, final, trash=work / "old")
-            except (OSError, OutputError) as exc:
-                raise _cannot_cache(final, exc) from None
+    try:
+        with _locked(f"convert-{name}"):
+            damage = _damage(final, rebuildable=True)
+            if damage is None:  # another process converted it while we waited
+                return final / _WEIGHTS
+            if damage == _weights.NO_RECORD:
+                log.warning(
+                    "%s: %s, so it cannot be verified; converting %s again",
+                    final / _WEIGHTS,
+                    damage,
+                    index,
+                )
+            elif damage:
+                log.warning(
+                    "%s: damaged cache entry (%s); converting %s again",
+                    final / _WEIGHTS,
+                    damage,
+                    index,
+                )
+            else:
+                log.info("converting %s into %s", index, final)
+            with _staging(final.parent, name) as work:
+                staging = work / "converted"
+                try:
+                    convert_checkpoint(prefix, staging, _base_config(config), source=str(index))
+                    _record(staging)
+                    _install(staging, final, trash=work / "old")
+                except (OSError, OutputError) as exc:
+                    raise _cannot_cache(final, exc) from None
+    except ModelError as exc:
+        if first != _weights.NO_RECORD or isinstance(exc, CheckpointError):
+            raise
+        # A read-only cache: whole, finite weights that cannot be rebuilt are used.
+        log.warning(
+            "%s: %s, and it cannot be converted again (%s); using it as found (whole, finite)",
+            final / _WEIGHTS,
+            first,
+            exc,
+        )
     return final / _WEIGHTS
 
 
