@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from fidelity import randomise_batchnorm
 
 from splitstems.config import load_config
 from splitstems.models.fast import fuse_for_inference, polyphase_weight
@@ -23,23 +24,11 @@ def test_polyphase_equals_cropped_transposed_conv(n_in, n_out):
     torch.testing.assert_close(F.pixel_shuffle(poly, 2), expected, rtol=1e-5, atol=1e-5)
 
 
-def _randomise_batchnorm(model: torch.nn.Module) -> None:
-    # Fresh BatchNorms are identities; give them real statistics so fusing is tested.
-    gen = torch.Generator().manual_seed(3)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-
-
 @pytest.mark.parametrize("name", ["spleeter:2stems", "spleeter:4stems", "spleeter:5stems"])
 def test_fused_model_matches_plain_model(name):
     torch.manual_seed(0)
     model = SpleeterModel(load_config(name)).eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     fast = fuse_for_inference(model)
     x = torch.rand(2, 2, 64, 128) * 2
     with torch.inference_mode():
@@ -76,7 +65,7 @@ def test_packed_convolutions_compute_what_conv2d_computes():
     # F.conv2d runs oneDNN for every layer) the two agree bit for bit.
     torch.manual_seed(0)
     model = SpleeterModel(load_config("spleeter:2stems")).eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     x = torch.rand(1, 2, 512, 1024) * 2
     for dtype in (torch.float32, torch.bfloat16):
         fast = fuse_for_inference(model).to(dtype=dtype)
