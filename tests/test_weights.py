@@ -299,3 +299,27 @@ def test_verify_with_a_known_source_wants_a_current_record(tmp_path: Path) -> No
     assert weights.verify(path, require_record=True) == weights.NO_RECORD
     assert weights.verify(path) is None  # no source known: checked in full, recorded again
     assert json.loads((tmp_path / weights.RECORD).read_text())["version"] == 2
+
+
+def test_tensor_digest_ignores_metadata_and_is_kept_in_the_record(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(5)
+    tensors = {"b": torch.randn(3, 4, generator=gen), "a": torch.randn(7, generator=gen)}
+    first, second = tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors"
+    for path, metadata in ((first, {"source": "x"}), (second, {"source": "elsewhere"})):
+        path.parent.mkdir()
+        save_file(tensors, str(path), metadata=metadata)
+    assert first.read_bytes() != second.read_bytes()
+    digest = weights.tensor_digest(first)
+    assert weights.tensor_digest(second) == digest  # same tensors, other file
+    changed = {**tensors, "a": tensors["a"] + 1}
+    save_file(changed, str(second))
+    assert weights.tensor_digest(second) != digest
+    # A record of this very file holds the digest: read from it, not recomputed.
+    weights.write_record(first)
+    record = json.loads((first.parent / weights.RECORD).read_text())
+    assert record["tensors"] == digest
+    record["tensors"] = "from the record"
+    (first.parent / weights.RECORD).write_text(json.dumps(record))
+    assert weights.tensor_digest(first) == "from the record"
+    save_file(changed, str(first))  # another file now: its stamp differs
+    assert weights.tensor_digest(first) == weights.tensor_digest(second)

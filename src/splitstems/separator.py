@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import soxr
 import torch
-from safetensors import safe_open
 
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
 from splitstems.engine import Engine, OrderedWorker, prefetch
 from splitstems.errors import AudioError, OutputError
-from splitstems.models.unet import SpleeterModel
+from splitstems.models.unet import SpleeterModel, uninitialised
 from splitstems.weights import load as read_weights
+from splitstems.weights import tensor_digest
 
 __all__ = [
     "DEFAULT_FILENAME_FORMAT",
@@ -71,7 +71,8 @@ def _load_model(
     """
     config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
     weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
-    model = SpleeterModel(config)
+    with uninitialised():  # every parameter is loaded next
+        model = SpleeterModel(config)
     model.load_weights(read_weights(weights), source=str(weights))
     return model.eval(), config, Path(weights)
 
@@ -218,11 +219,7 @@ class Separator:
             json.dumps(self.config.to_json_dict(), sort_keys=True).encode("utf-8")
         )
         # the tensors, not the file: its metadata (source path, key order) varies
-        with safe_open(str(self.weights_path), framework="pt") as weights:
-            for name in sorted(weights.keys()):
-                tensor = weights.get_tensor(name).contiguous()
-                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_digest(self.weights_path).encode("ascii"))
         return digest.hexdigest()[:16]
 
     @property

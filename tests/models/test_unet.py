@@ -86,3 +86,27 @@ def test_state_dict_names_follow_instruments():
     assert "unets.drums.encoder.0.conv.weight" in names
     assert "unets.other.decoder.5.bn.running_var" in names
     assert "unets.bass.output.weight" in names
+
+
+def test_uninitialised_models_draw_no_random_numbers():
+    from splitstems.models.unet import uninitialised
+
+    config = load_config("spleeter:2stems")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with uninitialised():
+        SpleeterModel(config)
+    assert torch.equal(torch.rand(3), expected)  # no initialisation ran
+    torch.manual_seed(0)
+    initialised = SpleeterModel(config)  # outside: as torch initialises (training)
+    assert not torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            initialised.state_dict().values(),
+            SpleeterModel(config).state_dict().values(),
+            strict=True,
+        )
+    )

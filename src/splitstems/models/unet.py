@@ -10,6 +10,10 @@ before BatchNorm.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -26,6 +30,42 @@ BN_EPSILON = 1e-3  # Keras BatchNormalization default
 BN_MOMENTUM = 0.01  # Keras momentum 0.99
 
 
+_init = threading.local()
+
+
+@contextlib.contextmanager
+def uninitialised() -> Iterator[None]:
+    """Build models whose convolutions skip their random initialisation (this thread only).
+
+    For models whose weights are loaded right after (all of them: :meth:`load_weights`
+    refuses a state dict that leaves any out); saves ~0.08 s per 2stems model.
+    """
+    before = getattr(_init, "skip", False)
+    _init.skip = True
+    try:
+        yield
+    finally:
+        _init.skip = before
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose initialisation :func:`uninitialised` can skip."""
+
+    def reset_parameters(self) -> None:
+        """Initialise as torch does, unless inside :func:`uninitialised`."""
+        if not getattr(_init, "skip", False):
+            super().reset_parameters()
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose initialisation :func:`uninitialised` can skip."""
+
+    def reset_parameters(self) -> None:
+        """Initialise as torch does, unless inside :func:`uninitialised`."""
+        if not getattr(_init, "skip", False):
+            super().reset_parameters()
+
+
 def make_activation(name: str) -> nn.Module:
     """Return the activation Spleeter builds for a config name (LeakyReLU slope 0.2)."""
     if name == "ReLU":
@@ -40,7 +80,7 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, activation: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, KERNEL, stride=2)
+        self.conv = Conv2d(in_channels, out_channels, KERNEL, stride=2)
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPSILON, momentum=BN_MOMENTUM)
         self.act = make_activation(activation)
 
@@ -59,7 +99,7 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, activation: str, dropout: bool) -> None:
         super().__init__()
-        self.deconv = nn.ConvTranspose2d(in_channels, out_channels, KERNEL, stride=2)
+        self.deconv = ConvTranspose2d(in_channels, out_channels, KERNEL, stride=2)
         self.act = make_activation(activation)
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPSILON, momentum=BN_MOMENTUM)
         self.dropout = nn.Dropout(0.5) if dropout else nn.Identity()
@@ -105,7 +145,7 @@ class UNet(nn.Module):
             for j, (i, o) in enumerate(zip(dec_in, decoder_filters, strict=True))
         )
         # Conv2D(n_channels, 4x4, dilation 2, "same"): symmetric padding 3.
-        self.output = nn.Conv2d(decoder_filters[-1], n_channels, 4, dilation=2, padding=3)
+        self.output = Conv2d(decoder_filters[-1], n_channels, 4, dilation=2, padding=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Magnitudes (B, n_channels, T, F) → mask logits (B, n_channels, T, F)."""
