@@ -584,6 +584,19 @@ def test_a_wav_cut_right_after_its_header_is_truncated(tmp_path: Path) -> None:
         load(tmp_path / "head.wav")
 
 
+def test_a_cut_wav_fails_when_opened_not_after_decoding(tmp_path: Path) -> None:
+    # A long cut WAV would otherwise be decoded (and separated) to its end first.
+    save(tmp_path / "x.wav", _int16_exact(20 * SR), sample_rate=SR)
+    data = (tmp_path / "x.wav").read_bytes()
+    (tmp_path / "half.wav").write_bytes(data[: 44 + 10 * SR * 4])
+    message = r"half\.wav: truncated: decodes to 10\.000 s of the 20\.000 s its header gives$"
+    with pytest.raises(AudioError, match=message):
+        stream(tmp_path / "half.wav", chunk_samples=SR)  # the call, before any chunk
+    # The part before the cut may still be asked for.
+    chunks = stream(tmp_path / "half.wav", chunk_samples=SR, offset=1, duration=8)
+    assert sum(len(c) for c in chunks) == 8 * SR
+
+
 def test_an_offset_in_the_part_cut_off_is_truncated(tmp_path: Path) -> None:
     save(tmp_path / "x.wav", _int16_exact(20 * SR), sample_rate=SR)
     data = (tmp_path / "x.wav").read_bytes()

@@ -340,6 +340,12 @@ _WAV_UNKNOWN_SIZE = 0x7FFFF000
 
 def _wav_samples(f: BinaryIO) -> int | None:
     """Sample frames a PCM WAV's ``data`` chunk announces (RIFF or RF64)."""
+    layout = _wav_layout(f)
+    return None if layout is None else layout[0]
+
+
+def _wav_layout(f: BinaryIO) -> tuple[int, int, int] | None:
+    """Return a PCM WAV's announced sample frames, the offset of its samples, the frame size."""
     head = _read_at(f, 0, 12)
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
         return None
@@ -363,7 +369,9 @@ def _wav_samples(f: BinaryIO) -> int | None:
                 size = big_size or 0
             elif size >= _WAV_UNKNOWN_SIZE:  # written to a pipe: the length was not known
                 size = 0
-            return size // block_align if size and block_align else None
+            if not (size and block_align):
+                return None
+            return size // block_align, offset + 8, block_align
         offset += 8 + size + (size & 1)
     return None
 
@@ -571,6 +579,38 @@ class _Source:
         self.offset = offset
         self.start = round(offset * self.rate)
         self.stop = None if duration is None else self.start + round(duration * self.rate)
+        try:
+            self._check_wav_size()
+        except BaseException:
+            self.container.close()
+            raise
+
+    def _check_wav_size(self) -> None:
+        """Fail now, before any decoding, on a PCM WAV whose samples are cut short.
+
+        The file's size tells how many of the announced sample frames are there: a cut
+        WAV is refused up front (a long one would otherwise be separated before the
+        end-of-stream check finds it), unless the part asked for lies before the cut.
+        """
+        kinds = set(self.container.format.name.split(","))
+        if "wav" not in kinds or not self.audio.codec_context.name.startswith("pcm_"):
+            return
+        try:
+            with open(self.name, "rb") as f:
+                layout = _wav_layout(f)
+                size = os.fstat(f.fileno()).st_size
+        except OSError:
+            return
+        if layout is None:
+            return
+        announced, data_offset, block_align = layout
+        there = max(0, size - data_offset) // block_align
+        if there >= announced or (self.stop is not None and self.stop <= there):
+            return
+        have, want = _seconds_apart(there / self.rate, announced / self.rate)
+        raise AudioError(
+            f"{self.name}: truncated: decodes to {have} s of the {want} s its header gives"
+        )
 
     def _reopen(self) -> None:
         self.container.close()
