@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -117,6 +118,22 @@ def test_engine_threads_given_and_refused():
         for bad in (0, -1, 1.5, "2", True):
             with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
                 Engine(SpleeterModel(TINY), TINY, device="cpu", threads=bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_more_threads_than_cpus_are_warned_about(caplog):
+    before = torch.get_num_threads()
+    many = device.usable_cpus() * 4
+    try:
+        with caplog.at_level(logging.WARNING, logger="splitstems.engine"):
+            Engine(SpleeterModel(TINY), TINY, device="cpu", threads=device.usable_cpus())
+            assert caplog.records == []
+            Engine(SpleeterModel(TINY), TINY, device="cpu", threads=many)
+        [record] = caplog.records
+        assert record.getMessage().startswith(
+            f"{many} threads for {device.usable_cpus()} usable CPUs"
+        )
     finally:
         torch.set_num_threads(before)
 

@@ -44,6 +44,7 @@ from splitstems.device import (
     pick_device,
     plan_threads,
     set_threads,
+    usable_cpus,
 )
 from splitstems.models.fast import FastSpleeterModel, fuse_for_inference
 from splitstems.models.unet import SpleeterModel
@@ -154,6 +155,13 @@ class Engine:
         unet_workers: int | None = None,
     ) -> None:
         self._threads = check_threads(threads)
+        if self._threads is not None and self._threads > usable_cpus():
+            log.warning(
+                "%d threads for %d usable CPUs: more threads than CPUs only wait for each "
+                "other (see --threads)",
+                self._threads,
+                usable_cpus(),
+            )
         if self._threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
             self._threads = baseline_threads()  # the user's choice: keep it
         self._unet_workers = check_threads(unet_workers)
