@@ -16,6 +16,7 @@ from splitstems.cli.options import (
     add_quality_options,
     add_run_options,
     positive_int,
+    separator_options,
 )
 from splitstems.errors import SplitstemsError
 
@@ -91,21 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.output_path.strip():
         print("error: -o/--output_path is empty", file=sys.stderr)
         return EXIT_USAGE
-    precision = "fast" if args.fast else "float32"
+    options = separator_options(args)
     try:
-        separator = Separator(
-            args.params,
-            MWF=args.mwf,
-            model_dir=args.model_dir,
-            device=args.device,
-            precision=precision,
-            overlap=args.overlap,
-            mwf_iterations=args.mwf_iterations,
-            mwf_exponent=args.mwf_exponent,
-            shifts=args.shifts,
-            threads=args.threads,
-            mask_extension=args.mask_extension,
-        )
+        separator = Separator(args.params, **options)
     except (SplitstemsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -118,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "overlap": args.overlap,
         "shifts": args.shifts,
         "mask_extension": separator.engine.mask_extension,
-        "precision": precision,
+        "precision": options["precision"],
     }
     output = Path(args.output_path)
     if args.resume:

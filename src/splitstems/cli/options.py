@@ -180,6 +180,22 @@ def add_run_options(parser: argparse.ArgumentParser, *, fast_help: str) -> None:
     parser.add_argument("--verbose", action="store_true", help="more logging")
 
 
+def separator_options(args: argparse.Namespace) -> dict[str, object]:
+    """Return the ``Separator`` keywords that the shared options give (model, quality, run)."""
+    return {
+        "model_dir": args.model_dir,
+        "MWF": args.mwf,
+        "mwf_iterations": args.mwf_iterations,
+        "mwf_exponent": args.mwf_exponent,
+        "shifts": args.shifts,
+        "mask_extension": args.mask_extension,
+        "overlap": args.overlap,
+        "precision": "fast" if args.fast else "float32",
+        "device": args.device,
+        "threads": args.threads,
+    }
+
+
 def check_mwf_options(args: argparse.Namespace) -> str | None:
     """Fill in the Wiener filter defaults; return a usage error if given without --mwf."""
     if not hasattr(args, "mwf"):

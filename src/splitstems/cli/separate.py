@@ -19,6 +19,7 @@ from splitstems.cli.options import (
     duration,
     offset,
     positive_int,
+    separator_options,
 )
 from splitstems.errors import SplitstemsError
 
@@ -115,18 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # None: not given (a codec that ignores it warns only when it was)
         warnings = check_encoding(args.codec, bitrate=args.bitrate, bit_depth=args.bit_depth)
         separator = Separator(
-            args.params,
-            MWF=args.mwf,
-            model_dir=args.model_dir,
-            device=args.device,
-            precision="fast" if args.fast else "float32",
-            overlap=args.overlap,
-            batch_segments=args.batch_segments,
-            mwf_iterations=args.mwf_iterations,
-            mwf_exponent=args.mwf_exponent,
-            shifts=args.shifts,
-            threads=args.threads,
-            mask_extension=args.mask_extension,
+            args.params, batch_segments=args.batch_segments, **separator_options(args)
         )
         output_paths(
             files[0],

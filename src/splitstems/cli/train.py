@@ -66,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
     tr.add_argument(
         "--cache-dir",
         default=None,
-        help="decoded chunks (default: <model folder>/cache)",
+        help="decoded chunks (default: the config's training_cache, relative to the working "
+        "folder; <model folder>/cache when the config has none)",
     )
     tr.add_argument(
         "--model-dir",
