@@ -303,7 +303,11 @@ def test_verify_with_a_known_source_wants_a_current_record(tmp_path: Path) -> No
 
 def test_tensor_digest_ignores_metadata_and_is_kept_in_the_record(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(5)
-    tensors = {"b": torch.randn(3, 4, generator=gen), "a": torch.randn(7, generator=gen)}
+    tensors = {
+        "b": torch.randn(3, 4, generator=gen),
+        "a": torch.randn(7, generator=gen),
+        "scalar": torch.tensor(1.5, dtype=torch.float64),  # 0-d: no bytes view in torch
+    }
     first, second = tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors"
     for path, metadata in ((first, {"source": "x"}), (second, {"source": "elsewhere"})):
         path.parent.mkdir()

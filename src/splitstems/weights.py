@@ -67,6 +67,13 @@ _DTYPE_SIZES: dict[str, int] = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
+#: torch's names of the dtypes (the tensor digest spells a tensor's dtype as torch does).
+_TORCH_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
+    "I64": "int64", "U64": "uint64", "F64": "float64",
+}  # fmt: skip
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 #: How the values of each floating dtype are viewed for the finite check (bfloat16 as
 #: its bits: numpy has no bfloat16; all exponent bits set means inf or NaN).
@@ -250,8 +257,8 @@ def _nonfinite(name: str, values: np.ndarray, dtype: str) -> str | None:
     return f"tensor {name!r} holds {count:,} NaN or infinite {values_word} (of {values.size:,})"
 
 
-def _check(path: Path) -> str:
-    """Check ``path`` in full (structure, finite values); return its sha256.
+def _check(path: Path) -> tuple[str, str]:
+    """Check ``path`` in full (structure, finite values); return its sha256 and tensor digest.
 
     Raises:
         ModelError: ``"<path>: <cause>"``.
@@ -275,7 +282,23 @@ def _check(path: Path) -> str:
         problem = _nonfinite(name, values, info.dtype)
         if problem:
             raise ModelError(f"{path}: {problem}")
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest(), _digest_tensors(data, tensors)
+
+
+def _digest_tensors(data: bytes, tensors: dict[str, TensorHeader]) -> str:
+    """sha256 of the tensors of a whole file's ``data``: names, dtypes, shapes, bytes.
+
+    In name order, each ``"<name>:torch.<dtype>:<shape>"`` then its raw bytes, so files
+    with the same tensors give the same digest whatever their header's order or metadata.
+    """
+    start = 8 + int.from_bytes(data[:8], "little")
+    view = memoryview(data)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        info = tensors[name]
+        digest.update(f"{name}:torch.{_TORCH_NAMES[info.dtype]}:{info.shape}".encode())
+        digest.update(view[start + info.begin : start + info.end])
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- checksums
@@ -304,32 +327,18 @@ def write_record(weights: str | os.PathLike[str]) -> None:
     """
     weights = Path(weights)
     stamp = _stamp(weights)
-    _write_record(weights, _check(weights), stamp)
+    _write_record(weights, *_check(weights), stamp)
 
 
-def _write_record(weights: Path, digest: str, stamp: list[int]) -> None:
+def _write_record(weights: Path, digest: str, tensors: str, stamp: list[int]) -> None:
     record = {
         "version": _RECORD_VERSION,
         "file": weights.name,
         "sha256": digest,
         "stamp": stamp,
-        "tensors": _tensor_digest(weights),
+        "tensors": tensors,
     }
     atomic_write(weights.parent / RECORD, json.dumps(record, indent=2) + "\n")
-
-
-def _tensor_digest(path: Path) -> str:
-    """sha256 of the tensors: names, dtypes, shapes and bytes, in name order."""
-    import torch
-    from safetensors import safe_open
-
-    digest = hashlib.sha256()
-    with safe_open(str(path), framework="pt") as weights:
-        for name in sorted(weights.keys()):
-            tensor = weights.get_tensor(name).contiguous()
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def tensor_digest(weights: str | os.PathLike[str]) -> str:
@@ -351,7 +360,10 @@ def tensor_digest(weights: str | os.PathLike[str]) -> str:
     )
     if mine and record is not None and isinstance(record.get("tensors"), str):
         return str(record["tensors"])
-    value = _tensor_digest(weights)
+    try:
+        value = _digest_tensors(weights.read_bytes(), inspect(weights))
+    except OSError as exc:
+        raise ModelError(f"{weights}: cannot read ({exc.strerror or exc})") from None
     if mine and record is not None and _stamp(weights) == stamp:
         try:
             atomic_write(
@@ -394,7 +406,7 @@ def verify(weights: str | os.PathLike[str], *, require_record: bool = False) -> 
     if current and record is not None and record.get("stamp") == stamp:
         return None
     try:
-        digest = _check(weights)
+        digest, tensors = _check(weights)
     except ModelError as exc:
         return str(exc).removeprefix(f"{weights}: ")
     if record is not None and digest != record["sha256"]:
@@ -406,7 +418,7 @@ def verify(weights: str | os.PathLike[str], *, require_record: bool = False) -> 
         return NO_RECORD
     try:
         if _stamp(weights) == stamp:  # not replaced while we read it (a rebuild elsewhere)
-            _write_record(weights, digest, stamp)
+            _write_record(weights, digest, tensors, stamp)
     except OSError as exc:
         log.debug("%s: cannot record its checksum (%s)", weights, exc)
     return None
