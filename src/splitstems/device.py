@@ -59,7 +59,6 @@ __all__ = [
     "check_threads",
     "UNetWorkers",
     "MapUNets",
-    "mark_start",
     "load_meter",
     "BUSY_CORES",
 ]
@@ -246,18 +245,17 @@ _meter: LoadMeter | None = None
 _meter_lock = threading.Lock()
 
 
-def mark_start() -> LoadMeter:
-    """Start watching the load of other processes (the command line does it first thing)."""
+def load_meter() -> LoadMeter:
+    """Return the process's :class:`LoadMeter`, started by the first call.
+
+    The command line calls it first thing, so that its start-up is the first window in
+    which the load of other processes is seen.
+    """
     global _meter
     with _meter_lock:
         if _meter is None:
             _meter = LoadMeter()
         return _meter
-
-
-def load_meter() -> LoadMeter:
-    """Return the process's :class:`LoadMeter` (started now if :func:`mark_start` was not)."""
-    return mark_start()
 
 
 # --------------------------------------------------------------------------- plans

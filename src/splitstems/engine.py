@@ -48,7 +48,6 @@ from splitstems.device import (
 )
 from splitstems.models.fast import FastSpleeterModel, fuse_for_inference
 from splitstems.models.unet import SpleeterModel
-from splitstems.readahead import prefetch
 from splitstems.wiener import StreamingWiener
 
 __all__ = [
@@ -57,7 +56,6 @@ __all__ = [
     "PRECISIONS",
     "MIN_STEP",
     "overlap_frames",
-    "prefetch",
     "OrderedWorker",
 ]
 
@@ -155,17 +153,18 @@ class Engine:
         unet_workers: int | None = None,
     ) -> None:
         self._threads = check_threads(threads)
-        if self._threads is not None and self._threads > usable_cpus():
+        self._unet_workers = check_threads(unet_workers)
+        self._baseline = baseline_threads()
+        usable = usable_cpus()
+        if self._threads is not None and self._threads > usable:
             log.warning(
                 "%d threads for %d usable CPUs: more threads than CPUs only wait for each "
                 "other (see --threads)",
                 self._threads,
-                usable_cpus(),
+                usable,
             )
         if self._threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
-            self._threads = baseline_threads()  # the user's choice: keep it
-        self._unet_workers = check_threads(unet_workers)
-        self._baseline = baseline_threads()
+            self._threads = self._baseline  # the user's choice: keep it
         set_threads(self.threads)
         load_meter()  # from now on, the load of other processes is watched
         if precision not in PRECISIONS:

@@ -665,7 +665,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from splitstems.engine import prefetch
+    from splitstems.readahead import prefetch
 
     check_backend(backend)
     selected = find_tracks(mus_dir, subset, names=tracks)

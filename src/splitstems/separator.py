@@ -22,9 +22,10 @@ import torch
 
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
-from splitstems.engine import Engine, OrderedWorker, prefetch
+from splitstems.engine import Engine, OrderedWorker
 from splitstems.errors import AudioError, OutputError
 from splitstems.models.unet import SpleeterModel, uninitialised
+from splitstems.readahead import prefetch
 from splitstems.weights import load as read_weights
 from splitstems.weights import tensor_digest
 

@@ -25,7 +25,7 @@ from splitstems.cli.options import (
     Parser,
     check_mwf_options,
 )
-from splitstems.device import mark_start
+from splitstems.device import load_meter
 from splitstems.errors import SplitstemsError
 
 
@@ -96,7 +96,7 @@ def setup_logging(*, verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
-    mark_start()  # start-up is the first window in which other processes' load is seen
+    load_meter()  # start-up is the first window in which other processes' load is seen
     args = build_parser().parse_args(argv)
     problem = check_mwf_options(args)
     if problem is not None:

@@ -48,22 +48,21 @@ def uninitialised() -> Iterator[None]:
         _init.skip = before
 
 
-class Conv2d(nn.Conv2d):
+class _SkippableInit:
+    """Mixin for torch layers: their initialisation is skipped inside :func:`uninitialised`."""
+
+    def reset_parameters(self) -> None:
+        """Initialise as torch does, unless inside :func:`uninitialised`."""
+        if not getattr(_init, "skip", False):
+            super().reset_parameters()  # type: ignore[misc]
+
+
+class Conv2d(_SkippableInit, nn.Conv2d):
     """``nn.Conv2d`` whose initialisation :func:`uninitialised` can skip."""
 
-    def reset_parameters(self) -> None:
-        """Initialise as torch does, unless inside :func:`uninitialised`."""
-        if not getattr(_init, "skip", False):
-            super().reset_parameters()
 
-
-class ConvTranspose2d(nn.ConvTranspose2d):
+class ConvTranspose2d(_SkippableInit, nn.ConvTranspose2d):
     """``nn.ConvTranspose2d`` whose initialisation :func:`uninitialised` can skip."""
-
-    def reset_parameters(self) -> None:
-        """Initialise as torch does, unless inside :func:`uninitialised`."""
-        if not getattr(_init, "skip", False):
-            super().reset_parameters()
 
 
 def make_activation(name: str) -> nn.Module:

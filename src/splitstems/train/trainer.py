@@ -302,7 +302,7 @@ def train(
     """
     from tqdm import tqdm
 
-    from splitstems.engine import pick_device
+    from splitstems.device import pick_device
 
     if not isinstance(config, ModelConfig):
         config = load_config(config)
