@@ -315,6 +315,7 @@ class _Expected:
 
     samples: int  # sample frames, at the stream's rate
     slack: int  # shortfall (sample frames) still counted as complete
+    there: int | None = None  # sample frames the file holds, where its size tells (PCM WAV)
 
 
 def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
@@ -336,12 +337,6 @@ def _skip_id3(f: BinaryIO) -> int:
 # Data sizes that mean "unknown" in WAVs written to pipes: FFmpeg leaves 0xFFFFFFFF,
 # SoX writes 0x7FFFF000 (some others 0 or anything above it).
 _WAV_UNKNOWN_SIZE = 0x7FFFF000
-
-
-def _wav_samples(f: BinaryIO) -> int | None:
-    """Sample frames a PCM WAV's ``data`` chunk announces (RIFF or RF64)."""
-    layout = _wav_layout(f)
-    return None if layout is None else layout[0]
 
 
 def _wav_layout(f: BinaryIO) -> tuple[int, int, int] | None:
@@ -434,8 +429,12 @@ def _expected_length(
     try:
         with open(name, "rb") as f:
             if "wav" in kinds:
-                samples = _wav_samples(f) if pcm else None
-                return None if samples is None else _Expected(samples, 0)
+                layout = _wav_layout(f) if pcm else None
+                if layout is None:
+                    return None
+                samples, data_offset, block_align = layout
+                size = os.fstat(f.fileno()).st_size
+                return _Expected(samples, 0, max(0, size - data_offset) // block_align)
             if "flac" in kinds:
                 samples = _flac_samples(f)
                 return None if samples is None else _Expected(samples, 0)
@@ -580,6 +579,7 @@ class _Source:
         self.start = round(offset * self.rate)
         self.stop = None if duration is None else self.start + round(duration * self.rate)
         try:
+            self.expected = _expected_length(self.name, self.container, self.audio)
             self._check_wav_size()
         except BaseException:
             self.container.close()
@@ -592,23 +592,16 @@ class _Source:
         WAV is refused up front (a long one would otherwise be separated before the
         end-of-stream check finds it), unless the part asked for lies before the cut.
         """
-        kinds = set(self.container.format.name.split(","))
-        if "wav" not in kinds or not self.audio.codec_context.name.startswith("pcm_"):
+        expected = self.expected
+        if expected is None or expected.there is None or expected.there >= expected.samples:
             return
-        try:
-            with open(self.name, "rb") as f:
-                layout = _wav_layout(f)
-                size = os.fstat(f.fileno()).st_size
-        except OSError:
-            return
-        if layout is None:
-            return
-        announced, data_offset, block_align = layout
-        there = max(0, size - data_offset) // block_align
-        if there >= announced or (self.stop is not None and self.stop <= there):
-            return
-        have, want = _seconds_apart(there / self.rate, announced / self.rate)
-        raise AudioError(
+        if self.stop is None or self.stop > expected.there:
+            raise self._truncated(expected.there, expected)
+
+    def _truncated(self, decoded: int, expected: _Expected) -> AudioError:
+        """Return the error of a stream that ends after ``decoded`` of its sample frames."""
+        have, want = _seconds_apart(decoded / self.rate, expected.samples / self.rate)
+        return AudioError(
             f"{self.name}: truncated: decodes to {have} s of the {want} s its header gives"
         )
 
@@ -717,12 +710,9 @@ class _Source:
 
     def _check_complete(self, decoded: int) -> None:
         """Raise if the stream ended (after ``decoded`` samples) before its header says."""
-        expected = _expected_length(self.name, self.container, self.audio)
+        expected = self.expected
         if expected is not None and decoded < expected.samples - expected.slack:
-            have, want = _seconds_apart(decoded / self.rate, expected.samples / self.rate)
-            raise AudioError(
-                f"{self.name}: truncated: decodes to {have} s of the {want} s its header gives"
-            )
+            raise self._truncated(decoded, expected)
         if "ogg" in self.container.format.name.split(",") and _ogg_cut_page(self.name):
             raise AudioError(
                 f"{self.name}: truncated: decodes to {decoded / self.rate:.3f} s, then the "
