@@ -1008,6 +1008,10 @@ def _target(name: str, codec: str | None, bit_depth: int | str, rate: int) -> _T
 BITRATE_RANGE = (8_000, 512_000)
 
 
+#: What a lossy codec's bitrate and a lossless codec's bit depth are when not chosen.
+DEFAULT_BITRATE, DEFAULT_BIT_DEPTH = "128k", "16"
+
+
 def bitrate_range(
     encoder: str, *, sample_rate: int = 44100, n_channels: int = 2
 ) -> tuple[int, int]:
@@ -1069,9 +1073,9 @@ def check_encoding(
     """Check that stems can be written with these settings, once, before any work.
 
     ``bitrate`` and ``bit_depth`` are ``None`` when the user did not choose them (the
-    defaults, 128k and 16, are used). Returns warnings for settings that do nothing
-    with this codec: a bitrate with a lossless codec (wav, flac), a bit depth with a
-    lossy one. Each is one line, ``"codec <codec>: ..."``.
+    defaults, :data:`DEFAULT_BITRATE` and :data:`DEFAULT_BIT_DEPTH`, are used). Returns
+    warnings for settings that do nothing with this codec: a bitrate with a lossless
+    codec (wav, flac), a bit depth with a lossy one. Each is one line, ``"codec <codec>: ..."``.
 
     Raises:
         OutputError: an unknown codec, a bit depth the codec has no format for, a
@@ -1080,12 +1084,14 @@ def check_encoding(
             codec, the value and what is allowed.
     """
     warnings: list[str] = []
+    chosen = DEFAULT_BITRATE if bitrate is None else bitrate
+    depth = DEFAULT_BIT_DEPTH if bit_depth is None else bit_depth
     try:
-        target = _target(f"output.{codec}", codec, 16 if bit_depth is None else bit_depth, 44100)
+        target = _target(f"output.{codec}", codec, depth, sample_rate)
         if target.lossy:
             rate = target.encode_rate or sample_rate
-            _check_bitrate(target, "128k" if bitrate is None else bitrate, rate, n_channels)
-            _try_encoder(target, rate, n_channels, bitrate)
+            value = _check_bitrate(target, chosen, rate, n_channels)
+            _try_encoder(target, rate, n_channels, value, chosen)
             if bit_depth is not None:
                 warnings.append(f"codec {codec}: lossy, the bit depth {bit_depth} is ignored")
         elif bitrate is not None:
@@ -1097,18 +1103,23 @@ def check_encoding(
     return warnings
 
 
-def _try_encoder(target: _Target, rate: int, n_channels: int, bitrate: int | str | None) -> None:
-    """Open (and drop) the encoder with these settings: its own refusals, before any work."""
+def _try_encoder(
+    target: _Target, rate: int, n_channels: int, bit_rate: int, bitrate: int | str
+) -> None:
+    """Open (and drop) the encoder with these settings: its own refusals, before any work.
+
+    ``bit_rate`` is ``bitrate`` (as given, for the message) in bits per second.
+    """
     ctx = av.CodecContext.create(target.encoder, "w")
     try:
         ctx.sample_rate = rate
         ctx.layout = _layout(n_channels)
         ctx.format = target.sample_format
-        ctx.bit_rate = _parse_bitrate("128k" if bitrate is None else bitrate)
+        ctx.bit_rate = bit_rate
         ctx.open()
     except (av.error.FFmpegError, ValueError) as exc:
         raise ValueError(
-            f"{target.encoder} refuses bitrate {bitrate or '128k'} at {rate} Hz, "
+            f"{target.encoder} refuses bitrate {bitrate} at {rate} Hz, "
             f"{_channels(n_channels)} ({_reason(exc)})"
         ) from exc
 

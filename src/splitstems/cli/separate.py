@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from splitstems.audio import DEFAULT_BIT_DEPTH, DEFAULT_BITRATE
 from splitstems.cli.options import (
     EXIT_FAILED,
     EXIT_OK,
@@ -24,8 +25,6 @@ from splitstems.cli.options import (
 from splitstems.errors import SplitstemsError
 
 CODECS = ("wav", "mp3", "ogg", "m4a", "wma", "flac")
-#: What ``-b`` and ``--bit-depth`` mean when not given (None tells that apart).
-DEFAULT_BITRATE, DEFAULT_BIT_DEPTH = "128k", "16"
 log = logging.getLogger("splitstems")
 
 
