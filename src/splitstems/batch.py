@@ -16,6 +16,7 @@ writes anything, so a run stopped half way leaves stems without a record, and
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -192,22 +193,19 @@ def separate_files(
     settled: set[Path] = set()  # inputs whose stems stay (done or skipped): claims for good
     waiting: dict[Path, list[Path]] = {}  # input → the inputs whose stems clash with its
     plan: list[_Planned] = []
-    known: dict[str, Any] = {}
+    root = Path(destination).resolve()
 
-    def settings() -> dict[str, Any]:  # the model's fingerprint hashes ~75 MB: once
-        if not known:
-            known.update(
-                run_settings(
-                    separator,
-                    codec=codec,
-                    bitrate=bitrate,
-                    bit_depth=bit_depth,
-                    offset=offset,
-                    duration=duration,
-                    filename_format=filename_format,
-                )
-            )
-        return known
+    @functools.cache
+    def settings() -> dict[str, Any]:  # once per batch, when first needed
+        return run_settings(
+            separator,
+            codec=codec,
+            bitrate=bitrate,
+            bit_depth=bit_depth,
+            offset=offset,
+            duration=duration,
+            filename_format=filename_format,
+        )
 
     def finish(result: FileResult) -> None:
         report.results.append(result)
@@ -254,10 +252,9 @@ def separate_files(
                     targets,
                     identity,
                     settings(),
-                    root=Path(destination).resolve(),
+                    root=root,
                     sample_rate=separator.sample_rate,
                     n_channels=separator.config.n_channels,
-                    lossless=codec.lower() in _LOSSLESS,
                 )
             claimed.update(dict.fromkeys(targets.values(), path))
             if redo is _KEEP:
@@ -450,7 +447,6 @@ def _earlier_run(
     root: Path,
     sample_rate: int,
     n_channels: int,
-    lossless: bool,
 ) -> tuple[str, str] | None:
     """Judge the stems an earlier run left for one input.
 
@@ -495,7 +491,7 @@ def _earlier_run(
         return "settings differ", f"settings differ ({', '.join(changes)})"
     if rate != sample_rate:
         return "settings differ", f"settings differ (sample rate {rate} -> {sample_rate})"
-    slack = 0 if lossless else _LOSSY_SLACK
+    slack = 0 if settings["codec"] in _LOSSLESS else _LOSSY_SLACK
     for target in targets.values():
         if not target.is_file():
             return "stem missing", f"{shown(target)} is missing"
