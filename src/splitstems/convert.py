@@ -29,6 +29,7 @@ import numpy as np
 
 from splitstems.errors import CheckpointError, OutputError
 from splitstems.files import atomic_write
+from splitstems.weights import nonfinite
 
 if TYPE_CHECKING:
     import torch
@@ -859,12 +860,10 @@ def convert_checkpoint(
         raise CheckpointError(f"{prefix}.index: {exc}") from None
     tf_vars = read_checkpoint(prefix, names=sorted(set(mapping.values())))
     for name, values in tf_vars.items():  # a diverged training run's checkpoint
-        if not np.isfinite(values).all():
-            count = int(np.count_nonzero(~np.isfinite(values)))
+        problem = nonfinite(values)
+        if problem:
             raise CheckpointError(
-                f"{prefix}.index: variable {name!r} holds {count:,} NaN or infinite "
-                f"value{'s' if count > 1 else ''} (of {values.size:,}); the checkpoint "
-                "cannot be used"
+                f"{prefix}.index: variable {name!r} {problem}; the checkpoint cannot be used"
             )
     state = tf_to_state_dict(tf_vars, config)
     metadata = {
