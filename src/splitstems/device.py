@@ -164,13 +164,17 @@ def _affinity() -> set[int] | None:
         return None
 
 
+def _cpu_count(affinity: set[int] | None) -> int:
+    """CPUs in ``affinity``, else the machine's."""
+    return len(affinity) if affinity else os.cpu_count() or 1
+
+
 def usable_cpus() -> int:
     """Return how many CPUs this process may really use: affinity, capped by a cgroup quota.
 
     A quota of 1.5 CPUs gives 2 (rounded up: the half CPU is still worth a thread).
     """
-    affinity = _affinity()
-    cpus = len(affinity) if affinity else os.cpu_count() or 1
+    cpus = _cpu_count(_affinity())
     limit = cgroup_cpu_limit()
     if limit is not None:
         cpus = min(cpus, math.ceil(limit))
@@ -220,6 +224,8 @@ class LoadMeter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cpus = _affinity()
+        limit = cgroup_cpu_limit()  # a quota below the CPUs decides, not the others' load
+        self._quota_decides = limit is not None and limit < _cpu_count(self._cpus)
         self._sample = self._take()
 
     def _take(self) -> tuple[float, float | None, float]:
@@ -233,10 +239,7 @@ class LoadMeter:
             if end - start < MIN_WINDOW:
                 return None  # keep the window open
             self._sample = now
-        limit = cgroup_cpu_limit()
-        if busy0 is None or busy1 is None:
-            return None
-        if limit is not None and limit < (len(self._cpus) if self._cpus else os.cpu_count() or 1):
+        if busy0 is None or busy1 is None or self._quota_decides:
             return None
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (end - start))
 
