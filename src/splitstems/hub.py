@@ -239,9 +239,27 @@ def _damage(entry: Path, *, rebuildable: bool = False) -> str | None:
     return _weights.verify(weights, require_record=rebuildable)
 
 
-def _record(staging: Path) -> None:
-    """Record the checksum of freshly converted weights (before they are installed)."""
-    _weights.write_record(staging / _WEIGHTS)
+def _convert_into(
+    final: Path, work: Path, checkpoint: Path, config: ModelConfig, *, source: str
+) -> None:
+    """Convert ``checkpoint`` in the staging folder ``work``, record its checksum, install it.
+
+    The one rebuild sequence of a cache entry (downloaded or local checkpoint): nothing
+    reaches ``final`` unless the whole conversion and its record succeeded.
+
+    Raises:
+        ModelError: the cache folder cannot be written.
+        CheckpointError: the checkpoint is corrupt.
+    """
+    from splitstems.convert import convert_checkpoint
+
+    staging = work / "converted"
+    try:
+        convert_checkpoint(checkpoint, staging, config, source=source)
+        _weights.write_record(staging / _WEIGHTS)
+        _install(staging, final, trash=work / "old")
+    except (OSError, OutputError) as exc:
+        raise _cannot_cache(final, exc) from None
 
 
 def _offline_hint(name: str) -> str:
@@ -295,16 +313,8 @@ def download_checkpoint(name: str, *, progress: bool = True) -> Path:
             _safe_extract(archive, extracted, source=url)
             archive.unlink()
             checkpoint = _find_checkpoint(extracted, release.name, source=url)
-            from splitstems.convert import convert_checkpoint
-
-            staging = work / "converted"
             config = load_config(f"spleeter:{release.name}")
-            try:
-                convert_checkpoint(checkpoint, staging, config, source=f"{url} sha256:{digest}")
-                _record(staging)
-                _install(staging, final, trash=work / "old")
-            except (OSError, OutputError) as exc:
-                raise _cannot_cache(final, exc) from None
+            _convert_into(final, work, checkpoint, config, source=f"{url} sha256:{digest}")
     log.info("%s: cached in %s", release.name, final)
     return final / _WEIGHTS
 
@@ -515,8 +525,6 @@ def _convert_cached(prefix: Path, config: ModelConfig) -> Path:
     checkpoint file, so the same files reached by other paths share one conversion and
     changed files are converted again. A damaged entry is converted again, with a warning.
     """
-    from splitstems.convert import convert_checkpoint
-
     index = Path(f"{prefix}.index").absolute()
     parts = [_CONVERTER_VERSION, config.model_dir, ",".join(config.instruments)]
     data_files = sorted(index.parent.glob(f"{index.stem}.data-*"))
@@ -551,13 +559,7 @@ def _convert_cached(prefix: Path, config: ModelConfig) -> Path:
             else:
                 log.info("converting %s into %s", index, final)
             with _staging(final.parent, name) as work:
-                staging = work / "converted"
-                try:
-                    convert_checkpoint(prefix, staging, _base_config(config), source=str(index))
-                    _record(staging)
-                    _install(staging, final, trash=work / "old")
-                except (OSError, OutputError) as exc:
-                    raise _cannot_cache(final, exc) from None
+                _convert_into(final, work, prefix, _base_config(config), source=str(index))
     except ModelError as exc:
         if first != _weights.NO_RECORD or isinstance(exc, CheckpointError):
             raise
