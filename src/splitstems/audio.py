@@ -1042,9 +1042,14 @@ def bitrate_range(
     return max(low, BITRATE_RANGE[0]), min(high, BITRATE_RANGE[1])
 
 
-def _check_bitrate(target: _Target, bitrate: int | str, rate: int, n_channels: int) -> int:
-    """Return ``bitrate`` in bits per second; ``ValueError`` where the encoder cannot do it."""
-    value = _parse_bitrate(bitrate)
+def _check_bitrate(
+    target: _Target, value: int, rate: int, n_channels: int, *, bitrate: int | str
+) -> int:
+    """Return ``value``, ``bitrate`` parsed to bits per second, if the encoder can do it.
+
+    Raises:
+        ValueError: outside the encoder's range (the message quotes ``bitrate`` as given).
+    """
     low, high = bitrate_range(target.encoder, sample_rate=rate, n_channels=n_channels)
     if not low <= value <= high:
         raise ValueError(
@@ -1090,7 +1095,9 @@ def check_encoding(
         target = _target(f"output.{codec}", codec, depth, sample_rate)
         if target.lossy:
             rate = target.encode_rate or sample_rate
-            value = _check_bitrate(target, chosen, rate, n_channels)
+            value = _check_bitrate(
+                target, _parse_bitrate(chosen), rate, n_channels, bitrate=chosen
+            )
             _try_encoder(target, rate, n_channels, value, chosen)
             if bit_depth is not None:
                 warnings.append(f"codec {codec}: lossy, the bit depth {bit_depth} is ignored")
@@ -1211,9 +1218,11 @@ class AudioWriter:
         self._rate = self._target.encode_rate or self.sample_rate  # the encoder's rate
         bit_rate = None
         if self._target.lossy:
-            _parse_bitrate(bitrate)  # ValueError: not a bitrate at all
+            value = _parse_bitrate(bitrate)  # ValueError: not a bitrate at all
             try:
-                bit_rate = _check_bitrate(self._target, bitrate, self._rate, self.n_channels)
+                bit_rate = _check_bitrate(
+                    self._target, value, self._rate, self.n_channels, bitrate=bitrate
+                )
             except ValueError as exc:  # a bitrate, but not one this encoder can do
                 raise AudioError(f"{name}: {exc}") from None
         self._resampler = None
