@@ -268,6 +268,9 @@ class Engine:
         """
         plan = self.last_plan = self.thread_plan()
         set_threads(plan.threads)
+        configure = getattr(self.model, "configure", None)  # an ONNX model (splitstems.export)
+        if configure is not None:
+            configure(threads=plan.threads, device=self.device)
         workers = None
         if plan.unet_workers > 1 and isinstance(self.model, FastSpleeterModel):
             workers = UNetWorkers(plan)

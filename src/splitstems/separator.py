@@ -27,7 +27,7 @@ from splitstems.errors import AudioError, OutputError
 from splitstems.models.unet import SpleeterModel, uninitialised
 from splitstems.readahead import prefetch
 from splitstems.weights import load as read_weights
-from splitstems.weights import tensor_digest
+from splitstems.weights import sha256, tensor_digest
 
 __all__ = [
     "DEFAULT_FILENAME_FORMAT",
@@ -71,6 +71,11 @@ def _load_model(
             ``model.safetensors``) or do not fit the model; the message names the file.
     """
     config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
+    if "onnx" in config.train:  # a folder written by ``splitstems export``: onnxruntime runs it
+        from splitstems.export import load_exported
+
+        onnx_model = load_exported(config)
+        return onnx_model, config, onnx_model.path  # type: ignore[return-value]
     weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
     with uninitialised():  # every parameter is loaded next
         model = SpleeterModel(config)
@@ -220,7 +225,8 @@ class Separator:
             json.dumps(self.config.to_json_dict(), sort_keys=True).encode("utf-8")
         )
         # the tensors, not the file: its metadata (source path, key order) varies
-        digest.update(tensor_digest(self.weights_path).encode("ascii"))
+        path = self.weights_path
+        digest.update((sha256(path) if path.suffix == ".onnx" else tensor_digest(path)).encode())
         return digest.hexdigest()[:16]
 
     @property
