@@ -300,3 +300,17 @@ def test_synthetic_4_and_5_stems_export_matches_torch(shared_dir, tmp_path, musi
     stems = separator.separate(waveform[: 5 * 44100])
     assert tuple(stems) == config.instruments
     assert all(s.shape == (5 * 44100, 2) and np.isfinite(s).all() for s in stems.values())
+
+
+def test_fast_precision_is_refused_for_an_onnx_model(export_2stems, tmp_path, capsys):
+    folder, _ = export_2stems
+    song = tmp_path / "song.wav"
+    audio.save(song, np.zeros((44100, 2), np.float32), sample_rate=44100)
+    code = main(
+        ["separate", "--fast", "-p", str(folder / "config.json"), "-o", str(tmp_path), str(song)]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {folder / 'model.onnx'}: precision 'fast' does not apply to an ONNX model "
+        "(its precision is chosen at export: splitstems export --precision)"
+    )

@@ -23,7 +23,7 @@ import torch
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
 from splitstems.engine import Engine, OrderedWorker
-from splitstems.errors import AudioError, OutputError
+from splitstems.errors import AudioError, ConfigError, OutputError
 from splitstems.models.unet import SpleeterModel, uninitialised
 from splitstems.readahead import prefetch
 from splitstems.weights import load as read_weights
@@ -154,7 +154,8 @@ class Separator:
 
     Args:
         params_descriptor: a model name (``spleeter:2stems``, ``spleeter:4stems-16kHz``...)
-            or the path of a Spleeter JSON config.
+            or the path of a Spleeter JSON config; the ``config.json`` of a folder written
+            by ``splitstems export`` runs its ONNX model with onnxruntime (extra ``export``).
         MWF: use the multichannel Wiener filter (norbert's, as the original) instead of
             ratio masks; files are then read ``mwf_iterations + 1`` times.
         multiprocess: accepted for compatibility with Spleeter; unused.
@@ -200,6 +201,11 @@ class Separator:
             params_descriptor, model_dir=model_dir, download=download, progress=progress
         )
         self.config = config
+        if self.weights_path.suffix == ".onnx" and precision != "float32":
+            raise ConfigError(
+                f"{self.weights_path}: precision {precision!r} does not apply to an ONNX "
+                "model (its precision is chosen at export: splitstems export --precision)"
+            )
         self.engine = Engine(
             model,
             config,

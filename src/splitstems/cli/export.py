@@ -39,7 +39,12 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         default=20.0,
         help="seconds of --check-audio to check with",
     )
-    exp.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
+    exp.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads of the check (default: as separate chooses them)",
+    )
     exp.set_defaults(handler=run_export)
 
 
