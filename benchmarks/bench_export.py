@@ -7,11 +7,16 @@ machine is shared and timings are noisy):
   torch model as the engine runs it (fused inference form, float32), and through
   onnxruntime with the float32 and float16 exports and a dynamically quantised int8
   one (``onnxruntime.quantization.quantize_dynamic``; not offered by ``splitstems
-  export``, measured here to show why); best of ``--repeat`` after a warm-up;
+  export``, measured here to show why);
 * end to end in process: ``Engine.separate`` of ``--seconds`` of real music (MUSDB18
   excerpts from the shared folder, looped) with each backend, and the torch-free example
-  (``examples/onnx_separate.py``'s ``separate``: numpy STFT + onnxruntime); best of
-  ``--repeat``;
+  (``examples/onnx_separate.py``'s ``separate``: numpy STFT + onnxruntime);
+* end to end on the command line: ``splitstems separate -p spleeter:2stems`` and
+  ``-p DIR/config.json`` (float32, float16) on a WAV of that music, and the example
+  script, each a fresh process (start-up, decoding and encoding included);
+
+each the best of ``--repeat`` after a warm-up, the backends taking turns so that the
+load of other processes falls on all of them alike;
 * quality: SDR (dB) of each backend's stems against torch float32's;
 * the model files' sizes, and how long the export took.
 
@@ -31,9 +36,11 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +67,17 @@ def _sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(reference**2) / max(error, 1e-300)))
 
 
-def _best(fn, repeat: int) -> float:
-    fn()  # warm-up (session and kernel set-up)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def _round_robin(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Best wall time of each run; the runs take turns (load hits them alike); one warm-up."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main() -> int:
@@ -76,7 +86,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="end-to-end audio length")
     parser.add_argument("--batch", type=int, default=1, help="segments per model call")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="default: usable CPUs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="fixed CPU threads (default: model compute with the usable CPUs, separations "
+        "with the plan separate makes)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("SPLITSTEMS_MODEL_DIR", str(SHARED / "models" / "spleeter"))
@@ -111,7 +127,8 @@ def main() -> int:
 
     # model compute on real magnitudes
     frames = config.T * args.batch
-    samples = torch.from_numpy(np.ascontiguousarray(waveform[: (frames + 3) * config.frame_step].T))
+    need = (frames + 3) * config.frame_step
+    samples = torch.from_numpy(np.ascontiguousarray(np.resize(music, (need, music.shape[1])).T))
     spec = dsp.stft_frames(
         samples, dsp.hann_window(config.frame_length), frame_step=config.frame_step
     )
@@ -119,74 +136,122 @@ def main() -> int:
         spec[:, :frames, : config.F].abs().unflatten(1, (args.batch, config.T)).transpose(0, 1)
     )
     magnitudes = magnitudes.contiguous()
-    torch_engine = Engine(model, config, device="cpu", threads=threads, batch_segments=args.batch)
-    rows: list[dict[str, Any]] = []
+    torch_engine = Engine(
+        model, config, device="cpu", threads=args.threads, batch_segments=args.batch
+    )
+    onnx_models = {}
+    for name, path in variants.items():
+        onnx_models[name] = OnnxModel(path, config, precision=name)
+        onnx_models[name].configure(threads=threads)
 
     def run_torch() -> None:
         with torch.inference_mode():
             torch_engine.estimate(magnitudes)
 
-    rows.append({"backend": "torch float32 (fused)", "compute_s": _best(run_torch, args.repeat)})
-    onnx_models = {}
-    for name, path in variants.items():
-        onnx_model = OnnxModel(path, config, precision=name)
-        onnx_model.configure(threads=threads)
-        onnx_models[name] = onnx_model
-        rows.append(
-            {
-                "backend": f"onnxruntime {name}",
-                "compute_s": _best(lambda m=onnx_model: m(magnitudes), args.repeat),
-                "size_mb": path.stat().st_size / 1e6,
-                "export_s": export_s[name],
-            }
-        )
-
-    # end to end, in process
-    reference: dict[str, np.ndarray] = {}
-
-    def separate_torch() -> None:
-        reference.update(torch_engine.separate(waveform))
-
-    rows[0]["end_to_end_s"] = _best(separate_torch, args.repeat)
-    for row, onnx_model in zip(rows[1:], onnx_models.values(), strict=True):
-        engine = Engine(
-            onnx_model, config, device="cpu", threads=threads, batch_segments=args.batch
-        )
-        out: dict[str, np.ndarray] = {}
-        row["end_to_end_s"] = _best(
-            lambda e=engine, o=out: o.update(e.separate(waveform)), args.repeat
-        )
-        row["sdr_vs_torch_db"] = min(_sdr(reference[k], out[k]) for k in config.instruments)
-    example = _example_module()
-    out = {}
-    example_s = _best(lambda: out.update(example.separate(work / "float32", waveform)), args.repeat)
-    rows.append(
+    compute = _round_robin(
         {
-            "backend": "example script (numpy + onnxruntime float32, default threads)",
-            "end_to_end_s": example_s,
-            "sdr_vs_torch_db": min(_sdr(reference[k], out[k]) for k in config.instruments),
-        }
+            "torch": run_torch,
+            **{name: (lambda m=m: m(magnitudes)) for name, m in onnx_models.items()},
+        },
+        args.repeat,
     )
 
-    base_compute, base_e2e = rows[0]["compute_s"], rows[0]["end_to_end_s"]
+    # end to end, in process (the same engine; only the model differs)
+    outputs: dict[str, dict[str, np.ndarray]] = {name: {} for name in ("torch", *variants)}
+    engines = {"torch": torch_engine}
+    for name, onnx_model in onnx_models.items():
+        engines[name] = Engine(
+            onnx_model, config, device="cpu", threads=args.threads, batch_segments=args.batch
+        )
+    example = _example_module()
+    outputs["example"] = {}
+    in_process = _round_robin(
+        {
+            **{
+                name: (lambda e=e, o=outputs[name]: o.update(e.separate(waveform)))
+                for name, e in engines.items()
+            },
+            "example": lambda: outputs["example"].update(
+                example.separate(work / "float32", waveform)
+            ),
+        },
+        args.repeat,
+    )
+
+    # the command line, file to files (decoding, encoding, start-up included)
+    song = work / "song.wav"
+    audio.save(song, waveform, sample_rate=config.sample_rate)
+    exe = [sys.executable, "-m", "splitstems", "separate", "-o", str(work / "out")]
+    if args.threads:
+        exe += ["--threads", str(args.threads)]
+    commands = {
+        "torch": [*exe, "-p", args.model, str(song)],
+        **{
+            name: [*exe, "-p", str(work / name / "config.json"), str(song)]
+            for name in ("float32", "float16")
+        },
+        "example": [
+            sys.executable,
+            str(ROOT / "examples" / "onnx_separate.py"),
+            str(work / "float32"),
+            str(song),
+            str(work / "ex"),
+        ],
+    }
+    command_line = _round_robin(
+        {
+            name: (lambda c=c: subprocess.run(c, check=True, capture_output=True))
+            for name, c in commands.items()
+        },
+        args.repeat,
+    )
+
+    labels = {
+        "torch": "torch float32 (fused, the default)",
+        "float32": "onnxruntime float32",
+        "float16": "onnxruntime float16",
+        "int8": "onnxruntime int8 (dynamic; not offered)",
+        "example": "examples/onnx_separate.py (numpy + onnxruntime float32)",
+    }
+    rows: list[dict[str, Any]] = []
+    for name, label in labels.items():
+        row: dict[str, Any] = {"backend": label}
+        if name in compute:
+            row["compute_s"] = compute[name]
+        row["end_to_end_s"] = in_process[name]
+        if name in command_line:
+            row["command_s"] = command_line[name]
+        if name != "torch":
+            row["sdr_vs_torch_db"] = min(
+                _sdr(outputs["torch"][k], outputs[name][k]) for k in config.instruments
+            )
+        if name in variants:
+            row["size_mb"] = variants[name].stat().st_size / 1e6
+            row["export_s"] = export_s[name]
+        rows.append(row)
+
+    base = rows[0]
     print(
         f"\n{args.model}, batch {args.batch} x {config.T} frames, {args.seconds:g} s of music, "
-        f"{threads} threads, best of {args.repeat}\n"
+        f"{threads} threads, best of {args.repeat} (backends taking turns)\n"
     )
     print(
-        "| backend | model compute s | vs torch | end to end s | x real time | vs torch | "
-        "SDR vs torch dB | file MB |"
+        "| backend | model compute s | vs torch | in process s | vs torch | command s | "
+        "vs torch | SDR vs torch dB | file MB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def cell(row: dict[str, Any], key: str, fmt: str) -> list[str]:
+        if key not in row:
+            return ["-", "-"]
+        return [format(row[key], fmt), f"{base[key] / row[key]:.2f}x"]
+
     for row in rows:
-        compute = row.get("compute_s")
         cells = [
             row["backend"],
-            f"{compute:.3f}" if compute else "-",
-            f"{base_compute / compute:.2f}x" if compute else "-",
-            f"{row['end_to_end_s']:.2f}",
-            f"{args.seconds / row['end_to_end_s']:.1f}",
-            f"{base_e2e / row['end_to_end_s']:.2f}x",
+            *cell(row, "compute_s", ".3f"),
+            *cell(row, "end_to_end_s", ".2f"),
+            *cell(row, "command_s", ".2f"),
             f"{row['sdr_vs_torch_db']:.1f}" if "sdr_vs_torch_db" in row else "(reference)",
             f"{row['size_mb']:.1f}" if "size_mb" in row else "-",
         ]
