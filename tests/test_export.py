@@ -314,3 +314,12 @@ def test_fast_precision_is_refused_for_an_onnx_model(export_2stems, tmp_path, ca
         f"error: {folder / 'model.onnx'}: precision 'fast' does not apply to an ONNX model "
         "(its precision is chosen at export: splitstems export --precision)"
     )
+
+
+def test_export_to_a_file_path_is_one_line_and_writes_nothing(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["export", "-p", "spleeter:2stems", "-o", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {taken}: cannot create the output folder")
+    assert taken.read_text() == "not a folder"

@@ -41,7 +41,7 @@ from torch import nn
 from splitstems import dsp
 from splitstems.config import ModelConfig
 from splitstems.engine import Engine
-from splitstems.errors import ConfigError, ModelError
+from splitstems.errors import ConfigError, ModelError, OutputError
 from splitstems.files import atomic_write
 from splitstems.models.unet import SpleeterModel
 from splitstems.weights import sha256
@@ -140,6 +140,7 @@ class OnnxModel(nn.Module):
         self._sessions: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._key: tuple[int, tuple[str, ...]] = (0, ("CPUExecutionProvider",))
         self._ort = _import("onnxruntime")
+        self._warned = False
 
     def __deepcopy__(self, memo: dict) -> OnnxModel:
         """Return the model itself: sessions are immutable and safe to share between threads."""
@@ -151,7 +152,8 @@ class OnnxModel(nn.Module):
         if device is not None and device.type == "cuda":
             if "CUDAExecutionProvider" in self._ort.get_available_providers():
                 providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
-            else:
+            elif not self._warned:
+                self._warned = True
                 log.warning("onnxruntime has no CUDA provider here: the ONNX model runs on the CPU")
         self._key = (max(1, int(threads)), providers)
 
@@ -450,7 +452,10 @@ def export_model(
         raise ModelError(f"{config.name}: only a torch model can be exported (this one is ONNX)")
     step = on_step or (lambda line: log.info("%s", line))
     folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror})") from None
     onnx_path, config_path = folder / ONNX_FILE, folder / CONFIG_FILE
     floor = MIN_SDR_DB if precision == "float32" else MIN_SDR_DB_FLOAT16
     audio = test_signal(config) if waveform is None else np.asarray(waveform, np.float32)
@@ -480,7 +485,12 @@ def export_model(
             )
         digest = sha256(path)
 
-    atomic_write(onnx_path, write)
-    text = json.dumps(runtime_config(config, precision=precision, digest=digest), indent=2)
-    atomic_write(config_path, text + "\n")
+    text = ""
+    try:
+        atomic_write(onnx_path, write)
+        text = json.dumps(runtime_config(config, precision=precision, digest=digest), indent=2)
+        atomic_write(config_path, text + "\n")
+    except OSError as exc:
+        target = config_path if text else onnx_path
+        raise OutputError(f"{target}: cannot write the export ({exc.strerror or exc})") from None
     return ExportResult(onnx_path, config_path, onnx_path.stat().st_size, scores)
