@@ -51,11 +51,15 @@ def stft(x: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
 def istft(spec: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
     """Inverse of :func:`stft`: ``(..., frames, bins)`` → ``(..., samples)``, overlap-added."""
     frames = np.fft.irfft(spec, n=n_fft, axis=-1).astype(np.float32) * (hann(n_fft) * 2 / 3)
-    n_frames = frames.shape[-2]
-    out = np.zeros((*frames.shape[:-2], (n_frames - 1) * hop + n_fft), np.float32)
-    for i in range(n_frames):
-        out[..., i * hop : i * hop + n_fft] += frames[..., i, :]
-    return out
+    *lead, n_frames, _ = frames.shape
+    # Overlap-add: frame i covers hops i .. i + ratio - 1, so cut each frame into its
+    # `ratio` hop-long blocks and add block r of every frame at hop i + r.
+    ratio = n_fft // hop  # 4 for Spleeter (frame_length is a multiple of frame_step)
+    blocks = frames.reshape(*lead, n_frames, ratio, hop)
+    out = np.zeros((*lead, n_frames + ratio - 1, hop), np.float32)
+    for r in range(ratio):
+        out[..., r : r + n_frames, :] += blocks[..., r, :]
+    return out.reshape(*lead, (n_frames + ratio - 1) * hop)
 
 
 def separate(folder: Path, waveform: np.ndarray) -> dict[str, np.ndarray]:

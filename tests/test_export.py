@@ -51,19 +51,13 @@ def song(shared_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def export_2stems(tmp_path_factory, model_env, music):
     """The real 2stems exported (float32) with the library call, checked on real music."""
-    saved = {k: os.environ.get(k) for k in model_env}
-    os.environ.update(model_env)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in model_env.items():
+            patch.setenv(key, value)
         model, config = load_model("spleeter:2stems", progress=False)
         waveform = audio.load(music, sample_rate=config.sample_rate)
         folder = tmp_path_factory.mktemp("onnx-2stems")
         result = export_model(model, config, folder, waveform=waveform)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return folder, result
 
 
