@@ -106,13 +106,29 @@ def separate(folder: Path, waveform: np.ndarray) -> dict[str, np.ndarray]:
 def main(argv: list[str]) -> int:
     """``onnx_separate.py EXPORT_DIR INPUT.wav OUTPUT_DIR``."""
     if len(argv) != 3:
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        print(
+            "usage: python examples/onnx_separate.py EXPORT_DIR INPUT.wav OUTPUT_DIR",
+            file=sys.stderr,
+        )
         return 2
     folder, source, destination = Path(argv[0]), Path(argv[1]), Path(argv[2])
-    config = json.loads((folder / "config.json").read_text())["onnx"]
-    waveform, rate = sf.read(source, dtype="float32", always_2d=True)
+    try:
+        config = json.loads((folder / "config.json").read_text())["onnx"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(
+            f"error: {folder}: not a folder written by splitstems export ({exc!r})", file=sys.stderr
+        )
+        return 1
+    try:
+        waveform, rate = sf.read(source, dtype="float32", always_2d=True)
+    except (OSError, sf.LibsndfileError) as exc:
+        print(f"error: {source}: cannot read it as audio ({exc})", file=sys.stderr)
+        return 1
     if rate != config["sample_rate"]:
-        print(f"{source}: {rate} Hz, the model needs {config['sample_rate']} Hz", file=sys.stderr)
+        print(
+            f"error: {source}: {rate} Hz, the model needs {config['sample_rate']} Hz",
+            file=sys.stderr,
+        )
         return 1
     channels = config["n_channels"]
     if waveform.shape[1] == 1:

@@ -317,3 +317,25 @@ def test_export_to_a_file_path_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {taken}: cannot create the output folder")
     assert taken.read_text() == "not a folder"
+
+
+def test_example_script_bad_input_is_one_line(export_2stems, tmp_path):
+    folder, _ = export_2stems
+    slow = tmp_path / "slow.wav"
+    audio.save(slow, np.zeros((22050, 2), np.float32), sample_rate=22050)
+    cases = [
+        ([str(folder), str(slow)], f"error: {slow}: 22050 Hz, the model needs 44100 Hz"),
+        ([str(tmp_path), str(slow)], f"error: {tmp_path}: not a folder written by splitstems"),
+        ([str(folder), str(tmp_path / "none.wav")], f"error: {tmp_path / 'none.wav'}: cannot read"),
+    ]
+    for args, expected in cases:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLE), *args, str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert not (tmp_path / "out").exists()
