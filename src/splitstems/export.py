@@ -452,6 +452,7 @@ def export_model(
         raise ModelError(f"{config.name}: only a torch model can be exported (this one is ONNX)")
     step = on_step or (lambda line: log.info("%s", line))
     folder = Path(output)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -493,4 +494,7 @@ def export_model(
     except OSError as exc:
         target = config_path if text else onnx_path
         raise OutputError(f"{target}: cannot write the export ({exc.strerror or exc})") from None
+    finally:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a failed export leaves no empty folder behind
     return ExportResult(onnx_path, config_path, onnx_path.stat().st_size, scores)

@@ -50,7 +50,10 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``splitstems export``; return the exit code."""
+    import numpy as np
+
     from splitstems import audio
+    from splitstems.errors import AudioError
     from splitstems.export import export_model
     from splitstems.separator import load_model
 
@@ -64,6 +67,8 @@ def run_export(args: argparse.Namespace) -> int:
             sample_rate=config.sample_rate,
             n_channels=config.n_channels,
         )
+        if not np.any(waveform):
+            raise AudioError(f"{args.check_audio}: silent: it cannot check the export")
 
     def step(line: str) -> None:
         print(f"{line} ...", file=sys.stderr, flush=True)
