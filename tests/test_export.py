@@ -189,9 +189,11 @@ def test_cli_float16_export_is_half_the_size_and_close(
 ):
     _, result = export_2stems
     out = tmp_path / "fp16"
-    assert main(["export", "-p", "spleeter:2stems", "--precision", "float16", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert f"wrote {out / 'model.onnx'}" in printed and "dB SDR at worst" in printed
+    args = ["--precision", "float16", "--check-audio", str(music), "--check-seconds", "12"]
+    assert main(["export", "-p", "spleeter:2stems", *args, "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "checking with onnxruntime against torch (12.0 s of audio)" in captured.err
+    assert f"wrote {out / 'model.onnx'}" in captured.out and "dB SDR at worst" in captured.out
     assert 0.45 < (out / "model.onnx").stat().st_size / result.size < 0.55
     assert json.loads((out / "config.json").read_text())["onnx"]["precision"] == "float16"
     waveform = audio.load(music, duration=6.0)
