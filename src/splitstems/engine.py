@@ -105,7 +105,8 @@ class Engine:
     """Streams a waveform through a Spleeter model, segment by segment.
 
     Args:
-        model: the model, already loaded with weights (or its fused inference form). The
+        model: the model, already loaded with weights (or its fused inference form, or an
+            exported model run by onnxruntime: :class:`splitstems.export.OnnxModel`). The
             engine computes with its own copy: the caller's model is not changed.
         config: its configuration (STFT parameters, ``T``, ``F``, mask extension).
         device: where to compute (see :func:`pick_device`).
@@ -268,6 +269,9 @@ class Engine:
         """
         plan = self.last_plan = self.thread_plan()
         set_threads(plan.threads)
+        configure = getattr(self.model, "configure", None)  # an ONNX model (splitstems.export)
+        if configure is not None:
+            configure(threads=plan.threads, device=self.device)
         workers = None
         if plan.unet_workers > 1 and isinstance(self.model, FastSpleeterModel):
             workers = UNetWorkers(plan)

@@ -23,11 +23,11 @@ import torch
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
 from splitstems.engine import Engine, OrderedWorker
-from splitstems.errors import AudioError, OutputError
+from splitstems.errors import AudioError, ConfigError, OutputError
 from splitstems.models.unet import SpleeterModel, uninitialised
 from splitstems.readahead import prefetch
 from splitstems.weights import load as read_weights
-from splitstems.weights import tensor_digest
+from splitstems.weights import sha256, tensor_digest
 
 __all__ = [
     "DEFAULT_FILENAME_FORMAT",
@@ -71,6 +71,11 @@ def _load_model(
             ``model.safetensors``) or do not fit the model; the message names the file.
     """
     config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
+    if "onnx" in config.train:  # a folder written by ``splitstems export``: onnxruntime runs it
+        from splitstems.export import load_exported
+
+        onnx_model = load_exported(config)
+        return onnx_model, config, onnx_model.path  # type: ignore[return-value]
     weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
     with uninitialised():  # every parameter is loaded next
         model = SpleeterModel(config)
@@ -149,7 +154,8 @@ class Separator:
 
     Args:
         params_descriptor: a model name (``spleeter:2stems``, ``spleeter:4stems-16kHz``...)
-            or the path of a Spleeter JSON config.
+            or the path of a Spleeter JSON config; the ``config.json`` of a folder written
+            by ``splitstems export`` runs its ONNX model with onnxruntime (extra ``export``).
         MWF: use the multichannel Wiener filter (norbert's, as the original) instead of
             ratio masks; files are then read ``mwf_iterations + 1`` times.
         multiprocess: accepted for compatibility with Spleeter; unused.
@@ -195,6 +201,11 @@ class Separator:
             params_descriptor, model_dir=model_dir, download=download, progress=progress
         )
         self.config = config
+        if self.weights_path.suffix == ".onnx" and precision != "float32":
+            raise ConfigError(
+                f"{self.weights_path}: precision {precision!r} does not apply to an ONNX "
+                "model (its precision is chosen at export: splitstems export --precision)"
+            )
         self.engine = Engine(
             model,
             config,
@@ -220,7 +231,8 @@ class Separator:
             json.dumps(self.config.to_json_dict(), sort_keys=True).encode("utf-8")
         )
         # the tensors, not the file: its metadata (source path, key order) varies
-        digest.update(tensor_digest(self.weights_path).encode("ascii"))
+        path = self.weights_path
+        digest.update((sha256(path) if path.suffix == ".onnx" else tensor_digest(path)).encode())
         return digest.hexdigest()[:16]
 
     @property
