@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from splitstems import __version__
-from splitstems.cli import evaluate, models, separate, train
+from splitstems.cli import evaluate, models, separate, serve, train
 from splitstems.cli.options import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parsers(sub, **common)
     evaluate.add_parser(sub, **common)
     train.add_parser(sub, **common)
+    serve.add_parser(sub, **common)
     return parser
 
 
