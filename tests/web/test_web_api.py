@@ -151,8 +151,9 @@ def test_upload_over_the_limit_is_refused_before_and_while_streaming(
         conn.request("POST", "/api/jobs?name=song.mp4", body=parts, encode_chunked=True)
         response = conn.getresponse()
         assert response.status == 413
-        assert "song.mp4: it is over this server's upload limit of 64.0 KB" in (
-            json.loads(response.read())["error"]
+        assert (
+            "song.mp4: it is over this server's upload limit of 64.0 KB"
+            in (json.loads(response.read())["error"])
         )
         conn.close()
         assert small.leftovers() == [next(small.tmpdir.iterdir())]  # the empty jobs root
@@ -258,7 +259,9 @@ def test_token_host_and_origin_are_checked(
     try:
         status, body, _ = _raw(locked, "GET", "/api/config")
         assert status == 401 and b"token" in body
-        assert _raw(locked, "GET", "/api/config", headers={"Authorization": "Bearer nope"})[0] == 401
+        assert (
+            _raw(locked, "GET", "/api/config", headers={"Authorization": "Bearer nope"})[0] == 401
+        )
         ok = {"Authorization": "Bearer s3cret"}
         assert _raw(locked, "GET", "/api/config", headers=ok)[0] == 200
         status, _, response = _raw(locked, "GET", "/?token=s3cret")

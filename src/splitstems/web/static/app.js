@@ -209,7 +209,8 @@ class Player {
     part.audio.src = stem.url;
     const link = $(".download", row);
     link.dataset.download = stem.name;
-    link.textContent = `Download ${stem.name}`;
+    link.textContent = "Download";
+    link.setAttribute("aria-label", `Download ${stem.name}`);
     const mute = $(".mute", row);
     const solo = $(".solo", row);
     const volume = $(".volume", row);
