@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         default=3600,
         help="seconds a finished song's stems are kept before they are deleted",
     )
-    add_model_options(serve)
+    add_model_options(serve)  # -p: the model the page selects first (loaded at start)
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: automatic)")
     serve.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (default: automatic)"
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     settings = Settings(
         max_upload=args.max_upload,
+        default_model=args.params,
         token=args.token,
         loopback=loopback,
         workers=args.workers,

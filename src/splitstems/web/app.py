@@ -19,9 +19,11 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import math
 import os
 import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from splitstems.web.jobs import FINAL_STATES, Job, JobManager, JobOptions, Queue
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "Settings", "create_app", "format_size", "is_loopback"]
 
+log = logging.getLogger("splitstems.web")
 STATIC = Path(__file__).resolve().parent / "static"
 #: Default ``--max-upload``: 512 MiB (a 45-minute 16-bit 44.1 kHz WAV).
 DEFAULT_MAX_UPLOAD = 512 * 1024 * 1024
@@ -71,6 +74,7 @@ class Settings:
     """How the server runs (``splitstems serve``'s options)."""
 
     max_upload: int = DEFAULT_MAX_UPLOAD
+    default_model: str = "spleeter:2stems"
     token: str | None = None
     loopback: bool = True
     workers: int = 1
@@ -185,9 +189,19 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     )
     model_dir = settings.separator_kwargs.get("model_dir")
 
+    released = [f"spleeter:{name}" for name in RELEASED_MODELS]
+    known = set(released) | {settings.default_model}
+
+    def warm_up() -> None:  # load the default model now, not when the first song comes
+        try:
+            manager.separator(JobOptions(model=settings.default_model))
+        except SplitstemsError as exc:
+            log.warning("%s", exc)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         manager.start()
+        threading.Thread(target=warm_up, name="splitstems-web-warm-up", daemon=True).start()
         try:
             yield
         finally:
@@ -202,8 +216,9 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             {
                 "max_upload": settings.max_upload,
                 "max_upload_text": format_size(settings.max_upload),
-                "models": [{"name": m.name, "local": m.available} for m in models],
-                "default_model": "spleeter:2stems",
+                "models": [{"name": m.name, "local": m.available} for m in models]
+                + [{"name": name, "local": True} for name in sorted(known - set(released))],
+                "default_model": settings.default_model,
                 "codecs": list(DOWNLOAD_CODECS),
                 "queue_size": manager.queue_size,
                 "keep_seconds": manager.keep_seconds,
@@ -215,8 +230,7 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
 
     async def create_job(request: Request) -> Response:
         name = _display_name(request.query_params.get("name"))
-        model = request.query_params.get("model") or "spleeter:2stems"
-        known = {f"spleeter:{m}" for m in RELEASED_MODELS}
+        model = request.query_params.get("model") or settings.default_model
         if model not in known:
             return _error(
                 400, f"{name}: unknown model {model!r} (one of {', '.join(sorted(known))})"

@@ -303,6 +303,8 @@ class JobManager:
                 job.touch(state="cancelled", finished=time.time())
             except SplitstemsError as exc:
                 message = str(exc).replace(str(job.input_path), job.name)
+                if not message.startswith(f"{job.name}: "):  # a model error, say
+                    message = f"{job.name}: {message}"
                 job.touch(state="failed", error=message, finished=time.time())
             except Exception as exc:  # a bug: the job fails, the server keeps going
                 log.exception("job %s (%s) failed", job.id, job.name)
@@ -329,11 +331,15 @@ class JobManager:
             return found
 
     def _run(self, job: Job) -> None:
-        def on_progress(seconds: float) -> None:
+        done = 0.0
+
+        def on_progress(seconds: float) -> None:  # seconds of audio just separated
+            nonlocal done
             if job.cancel_requested:
                 raise _Cancelled
+            done += seconds
             if job.duration:
-                job.touch(progress=min(0.99, seconds / job.duration))
+                job.touch(progress=min(0.99, done / job.duration))
 
         separator, lock = self.separator(job.options)
         with lock:
