@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fidelity import sdr
 from webserver import Server, song, start_server
 
 from splitstems import audio
@@ -43,11 +44,6 @@ def _upload(server: Server, path: Path, name: str | None = None, **params: str) 
     status, body, _ = _raw(server, "POST", f"/api/jobs?{query}", body=path.read_bytes())
     assert status == 201, body
     return json.loads(body)
-
-
-def _sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
-    error = np.sum((reference - estimate) ** 2)
-    return float("inf") if error == 0 else 10 * np.log10(np.sum(reference**2) / error)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +78,11 @@ def test_job_gives_stems_zip_and_mix_that_add_up(
     status, body, _ = _raw(server, "GET", done_job["mix"] + "?vocals=0")
     assert status == 200
     (tmp_path / "karaoke.wav").write_bytes(body)
-    assert _sdr(stems["accompaniment"], audio.load(tmp_path / "karaoke.wav")) > 80
+    assert sdr(stems["accompaniment"], audio.load(tmp_path / "karaoke.wav")) > 80
     status, body, _ = _raw(server, "GET", done_job["mix"] + "?vocals=0.5&accompaniment=0.5")
     (tmp_path / "half.wav").write_bytes(body)
     half = 0.5 * (stems["vocals"] + stems["accompaniment"])
-    assert _sdr(half, audio.load(tmp_path / "half.wav")) > 60  # 16-bit rounding of a quieter mix
+    assert sdr(half, audio.load(tmp_path / "half.wav")) > 60  # 16-bit rounding of a quieter mix
     # the mix files are deleted once sent
     job_folder = next(p for p in server.tmpdir.rglob(done_job["id"]) if p.is_dir())
     time.sleep(0.5)
@@ -303,3 +299,27 @@ def test_unknown_job_and_stem_are_404(server: Server, done_job: dict) -> None:
     assert _raw(server, "GET", f"/api/jobs/{done_job['id']}/stems/drums")[0] == 404
     with pytest.raises(urllib.error.HTTPError):
         server.json("/api/jobs/" + "f" * 32)
+
+
+def test_delete_of_a_running_job_stops_it_and_frees_the_worker(
+    server: Server, done_job: dict, tmp_path: Path
+) -> None:
+    # 60 s of a separated stem: five model segments, so the job is seen running
+    long_song = tmp_path / "long.wav"
+    stem = audio.load(next(server.tmpdir.rglob("vocals.wav")))
+    audio.save(long_song, np.resize(stem, (60 * 44100, 2)), sample_rate=44100)
+    job = _upload(server, long_song)
+    deadline = time.monotonic() + 60
+    while server.json(f"/api/jobs/{job['id']}")["progress"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server.json(f"/api/jobs/{job['id']}")["state"] == "running"
+    assert _raw(server, "DELETE", f"/api/jobs/{job['id']}")[0] == 204
+    deadline = time.monotonic() + 30
+    while any(p.name == job["id"] for p in server.leftovers()):
+        assert time.monotonic() < deadline, server.leftovers()
+        time.sleep(0.1)
+    assert _raw(server, "GET", f"/api/jobs/{job['id']}")[0] == 404
+    # the worker is free for the next song
+    after = _upload(server, long_song, name="after.wav")
+    assert server.wait_done(after["id"])["state"] == "done"

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
+from fidelity import MIN_SDR_DB, sdr
 from webserver import Server, song, start_server
 
 from splitstems import audio
@@ -52,11 +52,6 @@ def _shot(page, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(SHOTS) / f"web-{name}.png"))
-
-
-def _sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
-    error = np.sum((reference - estimate) ** 2)
-    return float("inf") if error == 0 else 10 * np.log10(np.sum(reference**2) / error)
 
 
 def test_song_separates_plays_mutes_and_downloads_as_the_cli_does(
@@ -102,7 +97,7 @@ def test_song_separates_plays_mutes_and_downloads_as_the_cli_does(
     cli = audio.load(tmp_path / "cli" / "BKS - Too Much.stem" / "vocals.wav")
     web = audio.load(tmp_path / "web-vocals.wav")
     assert cli.shape == web.shape
-    assert _sdr(cli, web) >= 50
+    assert sdr(cli, web) >= MIN_SDR_DB  # 50 dB
     assert problems == []
 
 
