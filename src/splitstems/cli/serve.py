@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
     serve.add_argument(
         "--token",
         default=None,
-        help="secret the page and API ask for (needed with a --host other than loopback)",
+        help="secret the page and API ask for (a --host other than loopback needs one; "
+        "default: none)",
     )
     serve.add_argument(
         "--max-upload",
