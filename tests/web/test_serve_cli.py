@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +42,16 @@ def test_bad_max_upload_sizes_are_refused(text: str) -> None:
 )
 def test_only_loopback_hosts_count_as_this_machine(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_a_port_in_use_is_one_line_and_exit_2() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "splitstems", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr == f"error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import socket
 import sys
 import threading
 import webbrowser
@@ -110,6 +112,14 @@ def run(args: argparse.Namespace) -> int:
             "traffic is not encrypted (put a TLS proxy in front for untrusted networks)",
             file=sys.stderr,
         )
+    try:  # bound here, so that a port in use is one line and exit 2
+        sock = socket.create_server(
+            (args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        )
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"error: cannot listen on {args.host}:{args.port} ({reason})", file=sys.stderr)
+        return EXIT_USAGE
     config = uvicorn.Config(
         create_app(settings),
         host=args.host,
@@ -128,5 +138,6 @@ def run(args: argparse.Namespace) -> int:
                 webbrowser.open(url)
 
     threading.Thread(target=announce, daemon=True).start()
-    server.run()
+    with sock:
+        server.run(sockets=[sock])
     return EXIT_OK if server.started else EXIT_USAGE
