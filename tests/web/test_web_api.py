@@ -323,3 +323,18 @@ def test_delete_of_a_running_job_stops_it_and_frees_the_worker(
     # the worker is free for the next song
     after = _upload(server, long_song, name="after.wav")
     assert server.wait_done(after["id"])["state"] == "done"
+
+
+def test_open_starts_the_browser_on_the_page(model_env: dict[str, str], tmp_path: Path) -> None:
+    opened = tmp_path / "opened.txt"
+    browser = f"/bin/sh -c 'echo \"$0\" > {opened}' %s"  # $BROWSER, as webbrowser reads it
+    running = start_server({**model_env, "BROWSER": browser}, tmp_path, "--open")
+    try:
+        deadline = time.monotonic() + 20
+        while not opened.exists() or not opened.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert opened.read_text().strip() == f"http://localhost:{running.port}/"
+        assert "serving on" in running.log.read_text()
+    finally:
+        running.stop()
