@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from splitstems.cli.serve import size
+from splitstems.cli.serve import size, token
 from splitstems.web import is_loopback
 
 
@@ -55,3 +55,10 @@ def test_a_port_in_use_is_one_line_and_exit_2() -> None:
         )
     assert result.returncode == 2
     assert result.stderr == f"error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
+
+
+def test_tokens_must_be_long_and_safe_in_urls_and_cookies() -> None:
+    assert token("s3cret-token_ok.~") == "s3cret-token_ok.~"
+    for bad in ("short", "has space in it", "semi;colon=x", "ünïcödé-token"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at least 8 letters"):
+            token(bad)

@@ -251,16 +251,16 @@ def test_three_uploads_at_once_all_finish_with_bounded_memory(
 def test_token_host_and_origin_are_checked(
     model_env: dict[str, str], tmp_path: Path, shared_dir: Path
 ) -> None:
-    locked = start_server(model_env, tmp_path, "--token", "s3cret")
+    locked = start_server(model_env, tmp_path, "--token", "s3cret-token")
     try:
         status, body, _ = _raw(locked, "GET", "/api/config")
         assert status == 401 and b"token" in body
         assert (
             _raw(locked, "GET", "/api/config", headers={"Authorization": "Bearer nope"})[0] == 401
         )
-        ok = {"Authorization": "Bearer s3cret"}
+        ok = {"Authorization": "Bearer s3cret-token"}
         assert _raw(locked, "GET", "/api/config", headers=ok)[0] == 200
-        status, _, response = _raw(locked, "GET", "/?token=s3cret")
+        status, _, response = _raw(locked, "GET", "/?token=s3cret-token")
         assert status == 200
         cookie = response.headers["set-cookie"].split(";")[0]
         assert _raw(locked, "GET", "/api/jobs", headers={"Cookie": cookie})[0] == 200
@@ -336,5 +336,30 @@ def test_open_starts_the_browser_on_the_page(model_env: dict[str, str], tmp_path
             time.sleep(0.1)
         assert opened.read_text().strip() == f"http://localhost:{running.port}/"
         assert "serving on" in running.log.read_text()
+    finally:
+        running.stop()
+
+
+def test_a_full_queue_refuses_more_songs_until_one_is_done(
+    model_env: dict[str, str], tmp_path: Path, shared_dir: Path
+) -> None:
+    long_song = tmp_path / "long.wav"
+    audio.save(
+        long_song, np.resize(audio.load(song(shared_dir)), (120 * 44100, 2)), sample_rate=44100
+    )
+    running = start_server(model_env, tmp_path, "--queue", "1")
+    try:
+        first = _upload(running, long_song)
+        query = urllib.parse.urlencode({"name": "second.mp4"})
+        status, body, _ = _raw(
+            running, "POST", f"/api/jobs?{query}", body=song(shared_dir).read_bytes()
+        )
+        assert status == 503
+        assert json.loads(body)["error"] == (
+            "second.mp4: the queue is full (1 song waiting or running); try again when one is done"
+        )
+        assert _raw(running, "DELETE", f"/api/jobs/{first['id']}")[0] == 204
+        second = _upload(running, song(shared_dir), name="second.mp4")
+        assert running.wait_done(second["id"])["state"] == "done"
     finally:
         running.stop()

@@ -24,6 +24,19 @@ def size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{8,}")
+
+
+def token(text: str) -> str:
+    """Check a ``--token``: at least 8 letters, digits or ``-_.~`` (it goes in URLs, cookies)."""
+    if _TOKEN.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            "must be at least 8 letters, digits or -_.~ (e.g. python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe())')"
+        )
+    return text
+
+
 def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
     """Add the ``serve`` command to ``sub``."""
     serve = sub.add_parser(
@@ -38,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
     serve.add_argument("--open", action="store_true", help="open the page in a browser")
     serve.add_argument(
         "--token",
+        type=token,
         default=None,
         help="secret the page and API ask for (a --host other than loopback needs one; "
         "default: none)",

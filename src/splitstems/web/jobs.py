@@ -238,6 +238,8 @@ class JobManager:
     def submit(self, job: Job, *, duration: float | None) -> None:
         """Queue a job whose upload is stored and checked."""
         with self._wake:
+            if job.cancel_requested:  # deleted while its upload was arriving
+                return
             job.touch(state="queued", duration=duration)
             self._waiting.append(job)
             self._wake.notify()
@@ -246,7 +248,8 @@ class JobManager:
         busy = sum(job.state not in FINAL_STATES for job in self._jobs.values())
         if busy >= self.queue_size:
             raise QueueFull(
-                f"the queue is full ({busy} songs waiting or running); try again when one is done"
+                f"the queue is full ({busy} {'song' if busy == 1 else 'songs'} waiting or "
+                "running); try again when one is done"
             )
 
     def get(self, job_id: str) -> Job | None:
