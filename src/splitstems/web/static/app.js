@@ -284,7 +284,7 @@ class Player {
 
   async start() {
     for (const other of state.players) if (other !== this) other.pause();
-    const at = this.master.currentTime;
+    const at = this.master.ended ? 0 : this.master.currentTime;  // at the end: from the start
     for (const part of this.stems) part.audio.currentTime = at;
     try {
       await Promise.all(this.stems.map((p) => p.audio.play()));
