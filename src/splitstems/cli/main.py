@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from splitstems import __version__
-from splitstems.cli import evaluate, models, separate, train
+from splitstems.cli import evaluate, models, separate, serve, train
 from splitstems.cli import export as export_command
 from splitstems.cli.options import (
     EXIT_FAILED,
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub, **common)
     train.add_parser(sub, **common)
     export_command.add_parser(sub, **common)
+    serve.add_parser(sub, **common)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""The page of ``splitstems serve`` in Debian's Chromium, driven by Playwright.
+
+Set ``SPLITSTEMS_WEB_SCREENSHOTS=<folder>`` to save the screenshots of docs/web.md
+(web-empty.png, web-working.png, web-done.png) while the tests run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fidelity import MIN_SDR_DB, sdr
+from webserver import Server, song, start_server
+
+from splitstems import audio
+
+SHOTS = os.environ.get("SPLITSTEMS_WEB_SCREENSHOTS")
+
+
+@pytest.fixture()
+def page(browser, server: Server) -> Iterator[tuple[object, list[str]]]:
+    """A fresh page on the server, and the console errors and page errors it logs."""
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1000, "height": 640})
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on(
+        "console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type == "error" else None
+    )
+    tab.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+    tab.goto(server.url + "/")
+    tab.wait_for_selector(
+        "#model option[value='spleeter:4stems']", state="attached"
+    )  # config loaded
+    yield tab, problems
+    context.close()
+
+
+def _wait_until(page, expression: str, timeout: float = 60.0) -> None:
+    """Poll a JS expression (the page's CSP forbids Playwright's wait_for_function)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"not true after {timeout} s: {expression}"
+        time.sleep(0.1)
+
+
+def _shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"web-{name}.png"))
+
+
+def test_song_separates_plays_mutes_and_downloads_as_the_cli_does(
+    page, shared_dir: Path, model_env: dict[str, str], tmp_path: Path
+) -> None:
+    tab, problems = page
+    _shot(tab, "empty")
+    source = song(shared_dir)
+    tab.set_input_files("input[type=file]", str(source))  # choosing starts it
+    tab.wait_for_selector('a[data-download="vocals"][href]', timeout=120_000)
+    assert tab.locator("audio[data-stem]").count() == 2
+    assert tab.locator("audio[data-stem='accompaniment']").count() == 1
+
+    # play: the player's time advances, all stems together
+    tab.get_by_role("button", name="Play").click()
+    _wait_until(tab, "document.querySelector('audio[data-stem=vocals]').currentTime > 1.3", 20)
+    times = tab.evaluate("[...document.querySelectorAll('audio')].map(a => a.currentTime)")
+    assert max(times) - min(times) < 0.3, times
+    _wait_until(tab, "document.querySelector('.time').textContent !== '0:00 / 0:06'", 5)
+
+    # mute the vocals, from the keyboard
+    mute = tab.get_by_role("button", name="Mute vocals")
+    mute.focus()
+    tab.keyboard.press("Space")
+    assert mute.get_attribute("aria-pressed") == "true"
+    assert tab.evaluate("document.querySelector('audio[data-stem=vocals]').muted") is True
+    assert tab.evaluate("document.querySelector('audio[data-stem=accompaniment]').muted") is False
+    assert "vocals=0" in tab.locator("a[data-download-mix]").get_attribute("href")
+    _shot(tab, "done")
+
+    # download a stem; it is what `splitstems separate` writes
+    with tab.expect_download() as download:
+        tab.click('a[data-download="vocals"]')
+    download.value.save_as(tmp_path / "web-vocals.wav")
+    assert download.value.suggested_filename == "BKS - Too Much.stem-vocals.wav"
+    subprocess.run(
+        [sys.executable, "-m", "splitstems", "separate", str(source), "-o", str(tmp_path / "cli")],
+        env={**os.environ, **model_env},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    cli = audio.load(tmp_path / "cli" / "BKS - Too Much.stem" / "vocals.wav")
+    web = audio.load(tmp_path / "web-vocals.wav")
+    assert cli.shape == web.shape
+    assert sdr(cli, web) >= MIN_SDR_DB  # 50 dB
+    assert problems == []
+
+
+def test_non_audio_file_gives_an_alert_naming_it(page) -> None:
+    tab, problems = page
+    tab.set_input_files(
+        "input[type=file]",
+        files=[{"name": "shopping list.mp3", "mimeType": "audio/mpeg", "buffer": b"eggs\n" * 99}],
+    )
+    alert = tab.get_by_role("alert")
+    alert.wait_for(timeout=30_000)
+    assert alert.inner_text().startswith("shopping list.mp3: not an audio file")
+    # the refused upload's 415 is the one line Chromium logs
+    assert len(problems) == 1 and "415" in problems[0], problems
+
+
+def test_three_files_at_once_all_finish(page, server: Server, shared_dir: Path) -> None:
+    tab, problems = page
+    before = len(server.json("/api/jobs")["jobs"])
+    tab.set_input_files("input[type=file]", [str(song(shared_dir, k)) for k in range(3)])
+    _wait_until(tab, f"document.querySelectorAll('.job[data-job]').length === {before + 3}")
+    _shot(tab, "working")
+    _wait_until(tab, f"document.querySelectorAll('.job.done').length === {before + 3}", timeout=180)
+    assert tab.locator("audio[data-stem=vocals]").count() == before + 3
+    assert problems == []
+
+
+def test_upload_over_the_limit_is_refused_with_a_clear_message(
+    browser, model_env: dict[str, str], tmp_path: Path, shared_dir: Path
+) -> None:
+    small = start_server(model_env, tmp_path, "--max-upload", "64K")
+    try:
+        context = browser.new_context()
+        tab = context.new_page()
+        tab.goto(small.url + "/")
+        tab.wait_for_selector("#model option[value='spleeter:4stems']", state="attached")
+        assert "up to 64.0 KB" in tab.locator("#limit-hint").inner_text()
+        tab.set_input_files("input[type=file]", str(song(shared_dir)))
+        alert = tab.get_by_role("alert")
+        alert.wait_for(timeout=30_000)
+        assert alert.inner_text().startswith(
+            "BKS - Too Much.stem.mp4: 1.1 MB is over this server's upload limit of 64.0 KB"
+        ), alert.inner_text()
+        assert tab.locator(".job").count() == 0
+        assert small.json("/api/jobs")["jobs"] == []
+        context.close()
+    finally:
+        small.stop()
+
+
+def test_traversal_urls_in_the_browser_are_404(page, server: Server) -> None:
+    tab, _ = page
+    for path in ("/static/%2e%2e/app.py", "/static/..%2fjobs.py", "/api/jobs/%2e%2e%2f%2e%2e"):
+        response = tab.goto(server.url + path)
+        assert response.status == 404, path
+        assert "import" not in tab.content()
