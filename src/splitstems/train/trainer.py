@@ -173,7 +173,16 @@ def evaluate(
     longest = max(c.n_samples for c in valid.chunks)
     n_segments = math.ceil((longest + config.frame_length) / config.frame_step / config.T) + 1
     # One model call per chunk; the plain modules (the training graph, no fusion).
-    engine = Engine(model, config, device=device, fuse=False, batch_segments=min(n_segments, 64))
+    # The training's own thread count (not one chosen from the load): reductions, and so
+    # the losses after this validation, round the same in a run that never validates.
+    engine = Engine(
+        model,
+        config,
+        device=device,
+        fuse=False,
+        batch_segments=min(n_segments, 64),
+        threads=torch.get_num_threads(),
+    )
     scores: dict[str, list[float]] = {name: [] for name in config.instruments}
     for i in range(len(valid)):
         mix, targets = valid.waveforms(i)
@@ -302,7 +311,7 @@ def train(
     """
     from tqdm import tqdm
 
-    from splitstems.device import pick_device
+    from splitstems.device import baseline_threads, pick_device, set_threads
 
     if not isinstance(config, ModelConfig):
         config = load_config(config)
@@ -320,6 +329,10 @@ def train(
             "continue it, or choose another model folder"
         )
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    # One fixed thread count for the whole run (an idle machine's, never one picked from the
+    # load, nor one a separation earlier in this process left): float sums then round the
+    # same in a resumed run as in one that never stopped.
+    set_threads(baseline_threads())
 
     # ---- data (all checks before the first step)
     if mus_dir is not None:
