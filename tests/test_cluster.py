@@ -69,9 +69,9 @@ def ray_address():
     finally:
         head.send_signal(signal.SIGTERM)  # by its id: `ray start --block` stops its children
         try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+            head.wait(5)
+        except subprocess.TimeoutExpired:  # it waits ~30 s for lingering workers: its group
+            os.killpg(head.pid, signal.SIGKILL)  # (its own session) goes at once
             head.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
@@ -84,13 +84,15 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def clips(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Five songs of MUSDB18's test previews as short WAV files (3 s; the last two 7 s)."""
+    """Five songs of MUSDB18's test previews as WAV files: three of 3 s, two looped to 20 s."""
     folder = tmp_path_factory.mktemp("clips")
     sources = sorted((shared_dir / "audio" / "musdb7" / "test").glob("*.mp4"))[:5]
     out = []
     for index, source in enumerate(sources):
         path = folder / f"song{index}.wav"
-        wave = audio.load(source, duration=3.0 if index < 3 else None)
+        wave = audio.load(source, duration=3.0)
+        if index >= 3:  # long enough to be caught mid-file
+            wave = np.tile(audio.load(source), (3, 1))[: 20 * 44100]
         audio.save(path, wave, sample_rate=44100)
         out.append(path)
     return out
@@ -194,17 +196,26 @@ def test_worker_killed_mid_file_is_retried_on_another(
         proc = _run_cli(["--ray", ray_address, *map(str, clips[2:]), "-o", str(out)], model_env)
         killed = None
         deadline = time.monotonic() + 180
+
+        def workers() -> set[int]:  # the pool's processes, once their models are loaded
+            actors = state.actors().values()
+            return {
+                a["Pid"]
+                for a in actors
+                if a["ActorClassName"] == "_Worker" and a["State"] == "ALIVE"
+            }
+
+        known = workers()
         while killed is None and proc.poll() is None and time.monotonic() < deadline:
-            for part in out.glob("*/.vocals.*.part.wav"):  # a stem being written
+            for part in out.glob("song[34]/.vocals.*.part.wav"):  # a long stem, mid-write
                 pid = int(TEMP_PART.fullmatch(part.name)["pid"])
-                actors = state.actors().values()
-                workers = {a["Pid"] for a in actors if a["ActorClassName"] == "_Worker"}
-                alive = {a["Pid"] for a in actors if a["State"] == "ALIVE"}
-                assert pid in workers & alive, (pid, workers)
+                known = known if pid in known else workers()
+                assert pid in known, (pid, known)
                 os.kill(pid, signal.SIGKILL)
+                assert part.exists()  # killed before it could finish that file
                 killed = (part.parent.name, pid)
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         ray.shutdown()

@@ -160,15 +160,15 @@ class _Worker:
     """A Ray actor: one Separator, loaded once, running one batch of inputs at a time."""
 
     def __init__(self, params: str, options: dict[str, Any], env: dict[str, str]) -> None:
+        import ray
+
         os.environ.update(env)
+        self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
         self.error: str | None = None
         try:
             self.separator: Separator | None = Separator(params, progress=False, **options)
         except SplitstemsError as exc:  # told to the driver by ready(), not a crash
-            self.separator, self.error = None, str(exc)
-        import ray
-
-        self.name = f"{ray.util.get_node_ip_address()}:{os.getpid()}"
+            self.separator, self.error = None, f"a Ray worker ({self.name}): {exc}"
 
     def ready(self) -> str | None:
         """Return None once the model is loaded, else why it could not be."""
@@ -412,17 +412,14 @@ def separate_on_ray(
     if not ray.is_initialized():
         connect(None)
     root = Path(destination).absolute()
+    start = time.perf_counter()
     config = load_config(params)
     given = list(files)
-    absolute = [path.absolute() for path in given]
-    groups = _groups(
-        absolute, root, config.instruments, codec=codec, filename_format=filename_format
-    )
     n_actors = workers or pool_size(
         ray.cluster_resources(),
         cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,
-        n_tasks=len(groups),
+        n_tasks=len(given),
     )
     options = dict(separator_options or {})
     if options.get("threads") is None and cpus_per_worker >= 1:
@@ -442,14 +439,13 @@ def separate_on_ray(
     report = ClusterReport(workers=n_actors)
     ended: dict[int, ClusterResult] = {}  # input's index → its result
     manifest = _Manifest(root)
-    bar = _Progress(len(given), progress)
-    start = time.perf_counter()
-
+    absolute: list[Path] = []
+    groups: list[list[int]] = []  # inputs whose stems may clash go together
+    attempts: list[int] = []  # per group
+    pending: deque[int] = deque()  # groups to hand out
     starting: dict[Any, Any] = {}  # ready() ref → actor
     idle: list[Any] = []
     running: dict[Any, tuple[Any, int]] = {}  # run() ref → (actor, group)
-    attempts = [0] * len(groups)
-    pending = deque(range(len(groups)))
 
     def start_actor() -> None:
         actor = actor_class.remote(params, options, env)
@@ -469,9 +465,16 @@ def separate_on_ray(
             why = f"{given[index]}: {reason}"
             finish(index, ClusterResult(given[index], "failed", why, attempts=attempts[group]))
 
+    bar = _Progress(len(given), progress)
     try:
-        for _ in range(n_actors):
+        for _ in range(n_actors):  # they load the model while the inputs are planned
             start_actor()
+        absolute[:] = [path.absolute() for path in given]
+        groups[:] = _groups(
+            absolute, root, config.instruments, codec=codec, filename_format=filename_format
+        )
+        attempts[:] = [0] * len(groups)
+        pending.extend(range(len(groups)))
         while pending or running:
             while idle and pending:
                 actor, group = idle.pop(), pending.popleft()
@@ -490,7 +493,7 @@ def separate_on_ray(
                         start_actor()
                         continue
                     if problem is not None:
-                        raise ModelError(f"a Ray worker cannot load the model: {problem}")
+                        raise ModelError(problem)
                     idle.append(actor)
                     continue
                 actor, group = running.pop(ref)

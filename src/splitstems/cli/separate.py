@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``splitstems separate``; return the exit code."""
     from splitstems.audio import check_encoding
     from splitstems.batch import FileResult, expand_inputs, separate_files
+    from splitstems.config import load_config
     from splitstems.errors import OutputError
     from splitstems.separator import Separator, output_paths
 
@@ -159,12 +160,15 @@ def run(args: argparse.Namespace) -> int:
     try:  # None: not given (a codec that ignores it warns only when it was)
         warnings = check_encoding(args.codec, bitrate=args.bitrate, bit_depth=args.bit_depth)
         options = {"batch_segments": args.batch_segments, **separator_options(args)}
-        check = {"device": "cpu", "threads": 1} if args.ray is not None else {}  # workers run it
-        separator = Separator(args.params, **{**options, **check})
+        if args.ray is None:
+            separator = Separator(args.params, **options)
+            instruments = separator.instruments
+        else:  # the Ray workers load the model
+            instruments = load_config(args.params).instruments
         output_paths(
             files[0],
             args.output_path,
-            separator.instruments,
+            instruments,
             codec=args.codec,
             filename_format=args.filename_format,
         )
