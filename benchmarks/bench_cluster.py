@@ -113,6 +113,7 @@ def main() -> None:
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
         "SPLITSTEMS_MODEL_DIR": str(SHARED / "models" / "spleeter"),
         "SPLITSTEMS_CACHE": str(cache),
         "SPLITSTEMS_DOWNLOAD_URL": "http://127.0.0.1:9/unreachable",

@@ -26,7 +26,10 @@ from splitstems import audio
 from splitstems.batch import separate_files
 from splitstems.cluster import MANIFEST, SeparateStems, pool_size, read_manifest
 
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray on 127.0.0.1, not the LAN address
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray on 127.0.0.1, not the LAN address
+    "RAY_AUTH_MODE": "disabled",  # loopback only: not the token a local ray.init left in ~/.ray
+}
 TEMP_PART = re.compile(r"\.(?P<stem>.+)\.(?P<pid>[0-9]+)-[0-9a-f]{8}\.part\.wav")
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "ClusterResult",
     "SeparateStems",
     "connect",
+    "disconnect",
     "pool_size",
     "read_manifest",
     "separate_on_ray",
@@ -96,6 +97,13 @@ def connect(address: str | None = None) -> None:
         where = f" at {address}" if address else ""
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot connect to Ray{where}: {message}") from None
+
+
+def disconnect() -> None:
+    """Leave the Ray cluster; a Ray that :func:`connect` started here is stopped."""
+    ray = _ray()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def pool_size(
@@ -287,6 +295,11 @@ class _Manifest:
         self.fh.close()
         self.fh = None
         kept = {k: v for k, v in self.earlier.items() if k not in self.lines}
+        if not kept and not self.lines:  # nothing ran (a model error): no empty manifest
+            with contextlib.suppress(OSError):
+                if self.path.stat().st_size == 0:
+                    self.path.unlink()
+            return
         ours = [line for _, line in sorted(self.lines.values(), key=lambda item: item[0])]
         text = "".join(json.dumps(line) + "\n" for line in [*kept.values(), *ours])
         try:

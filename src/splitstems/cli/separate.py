@@ -208,25 +208,28 @@ def run(args: argparse.Namespace) -> int:
         )
 
     if args.ray is not None:
-        from splitstems.cluster import connect, separate_on_ray
+        from splitstems.cluster import connect, disconnect, separate_on_ray
 
         connect(args.ray or None)
-        batch = separate_on_ray(
-            args.params,
-            files,
-            args.output_path,
-            separator_options=options,
-            codec=args.codec,
-            bitrate=bitrate,
-            bit_depth=bit_depth,
-            offset=args.offset,
-            duration=args.duration,
-            filename_format=args.filename_format,
-            resume=args.resume,
-            cpus_per_worker=args.ray_cpus_per_worker,
-            gpus_per_worker=args.ray_gpus_per_worker,
-            on_result=report,
-        )
+        try:
+            batch = separate_on_ray(
+                args.params,
+                files,
+                args.output_path,
+                separator_options=options,
+                codec=args.codec,
+                bitrate=bitrate,
+                bit_depth=bit_depth,
+                offset=args.offset,
+                duration=args.duration,
+                filename_format=args.filename_format,
+                resume=args.resume,
+                cpus_per_worker=args.ray_cpus_per_worker,
+                gpus_per_worker=args.ray_gpus_per_worker,
+                on_result=report,
+            )
+        finally:  # a Ray started here stops with the command
+            disconnect()
         print(batch.summary(), file=sys.stderr if batch.failed else sys.stdout)
         return EXIT_FAILED if batch.failed else EXIT_OK
     batch = separate_files(
