@@ -459,6 +459,7 @@ def separate_on_ray(
     starting: dict[Any, Any] = {}  # ready() ref → actor
     idle: list[Any] = []
     running: dict[Any, tuple[Any, int]] = {}  # run() ref → (actor, group)
+    lost_at_start = 0  # actors that died before their model was loaded
 
     def start_actor() -> None:
         actor = actor_class.remote(params, options, env)
@@ -502,7 +503,13 @@ def separate_on_ray(
                     actor = starting.pop(ref)
                     try:
                         problem = ray.get(ref)
-                    except RayError:  # died while loading: try another
+                    except RayError as exc:  # died while loading: try another, a few times
+                        lost_at_start += 1
+                        if lost_at_start > n_actors * (retries + 1):
+                            raise ModelError(
+                                f"Ray workers keep dying while loading the model "
+                                f"({lost_at_start} times; last: {_first_line(exc)})"
+                            ) from None
                         start_actor()
                         continue
                     if problem is not None:
@@ -527,7 +534,8 @@ def separate_on_ray(
                     continue
                 except RayError as exc:  # an unexpected error of the file: not retried
                     idle.append(actor)
-                    fail_group(group, _first_line(exc))
+                    cause = getattr(exc, "cause", None) or exc  # the worker's own exception
+                    fail_group(group, f"{type(cause).__name__}: {_first_line(cause)}")
                     continue
                 idle.append(actor)
                 for index, row in zip(groups[group], rows, strict=True):
