@@ -122,16 +122,19 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="separate on a Ray cluster (pip install 'splitstems[cluster]'): auto, host:port "
         "or ray://host:port; no value: the Ray running on this machine, else a new one. "
-        "-o must be a folder every node sees; see docs/cluster.md",
+        "-o must be a folder every node sees; see docs/cluster.md (default: off, this "
+        "machine only)",
     )
     parser.add_argument(
         "--ray-cpus-per-worker",
+        metavar="N",
         type=positive_float,
         default=1.0,
         help="CPUs of each Ray worker (one model each; its torch threads)",
     )
     parser.add_argument(
         "--ray-gpus-per-worker",
+        metavar="N",
         type=non_negative_float,
         default=0.0,
         help="GPUs of each Ray worker (0.5: two workers share a GPU)",
