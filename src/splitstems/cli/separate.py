@@ -210,6 +210,16 @@ def run(args: argparse.Namespace) -> int:
             f"-> {folder}{redone}"
         )
 
+    settings = {
+        "codec": args.codec,
+        "bitrate": bitrate,
+        "bit_depth": bit_depth,
+        "offset": args.offset,
+        "duration": args.duration,
+        "filename_format": args.filename_format,
+        "resume": args.resume,
+        "on_result": report,
+    }
     if args.ray is not None:
         from splitstems.cluster import connect, disconnect, separate_on_ray
 
@@ -220,34 +230,15 @@ def run(args: argparse.Namespace) -> int:
                 files,
                 args.output_path,
                 separator_options=options,
-                codec=args.codec,
-                bitrate=bitrate,
-                bit_depth=bit_depth,
-                offset=args.offset,
-                duration=args.duration,
-                filename_format=args.filename_format,
-                resume=args.resume,
                 cpus_per_worker=args.ray_cpus_per_worker,
                 gpus_per_worker=args.ray_gpus_per_worker,
-                on_result=report,
+                **settings,
             )
         finally:  # a Ray started here stops with the command
             disconnect()
         print(batch.summary(), file=sys.stderr if batch.failed else sys.stdout)
         return EXIT_FAILED if batch.failed else EXIT_OK
-    batch = separate_files(
-        separator,
-        files,
-        args.output_path,
-        codec=args.codec,
-        bitrate=bitrate,
-        bit_depth=bit_depth,
-        offset=args.offset,
-        duration=args.duration,
-        filename_format=args.filename_format,
-        resume=args.resume,
-        on_result=report,
-    )
+    batch = separate_files(separator, files, args.output_path, **settings)
     if len(files) > 1:  # one line, on stderr when something failed
         print(batch.summary(), file=sys.stderr if batch.failed else sys.stdout)
     return EXIT_FAILED if batch.failed else EXIT_OK
