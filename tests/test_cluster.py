@@ -167,7 +167,9 @@ def test_bad_file_fails_alone_not_retried_and_clash_settled(
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2, stderr
     assert f"error: {inputs / 'bad.wav'}: not an audio file" in errors[0]
-    assert "sub/song0.wav: its stems would overwrite those of" in errors[1]
+    sub, first = inputs / "sub" / "song0.wav", inputs / "song0.wav"
+    clash = f"{sub}: its stems would overwrite those of {first} "
+    assert clash in errors[1]  # both named as given
     assert "2 done, 0 skipped, 2 failed" in stderr
     _assert_same_stems(out, local_stems, ["song0", "song1"])
     _no_temp_files(out)
@@ -264,6 +266,22 @@ def test_resume_after_the_driver_is_killed(ray_address, clips, local_stems, mode
     assert {line["status"] for line in lines} <= {"done", "skipped"}
     assert {Path(line["input"]).stem for line in lines if line["status"] == "skipped"} == skipped
     assert all(line["audio_seconds"] > 0 for line in lines)
+
+
+def test_sigterm_stops_the_driver_as_usual_leaving_no_temp_files(
+    ray_address, clips, model_env, tmp_path
+):
+    out = tmp_path / "out"
+    proc = _run_cli(["--ray", ray_address, *map(str, clips[3:]), "-o", str(out)], model_env)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("*/.vocals.*.part.wav")):  # mid-file
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr  # the command's own handler, not Ray's
+    assert stderr.rstrip().endswith("terminated")
+    _no_temp_files(out)
 
 
 def test_ray_data_block_turns_a_folder_into_a_dataset_of_vocals(

@@ -29,6 +29,8 @@ import datetime
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,7 +45,7 @@ from splitstems.audio import DEFAULT_BIT_DEPTH, DEFAULT_BITRATE
 from splitstems.batch import BatchReport, FileResult, record_path, separate_files
 from splitstems.config import load_config
 from splitstems.errors import ConfigError, ModelError, OutputError, SplitstemsError
-from splitstems.files import atomic_write
+from splitstems.files import atomic_write, remove_stale_temps
 from splitstems.separator import DEFAULT_FILENAME_FORMAT, Separator, output_paths
 
 __all__ = [
@@ -68,6 +70,10 @@ _FORWARDED_ENV = ("MODEL_PATH",)
 _FORWARDED_PREFIX = "SPLITSTEMS_"
 #: How often the progress bar is refreshed while no input ends (seconds).
 _TICK = 1.0
+#: How long a stopped run waits for its killed workers before removing their temp files.
+_KILL_WAIT = 10.0
+#: Signals whose handlers :func:`connect` keeps (``ray.init`` replaces them).
+_KEPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _ray() -> Any:  # noqa: ANN401 - the ray module
@@ -91,12 +97,41 @@ def connect(address: str | None = None) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {n: signal.getsignal(n) for n in _KEPT_SIGNALS} if main else {}
     try:
         ray.init(address=address or None, logging_level="WARNING", log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         where = f" at {address}" if address else ""
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot connect to Ray{where}: {message}") from None
+    finally:  # Ray's driver exits at once on SIGTERM; the caller's handlers stay
+        for number, handler in handlers.items():
+            if callable(handler):
+                signal.signal(number, _Relay(handler))
+            elif handler is not None:
+                signal.signal(number, handler)
+
+
+class _Relay:
+    """A signal handler that remembers what the caller's handler raised.
+
+    Ray's waits turn an exception raised in a signal handler into a plain
+    ``KeyboardInterrupt``; :func:`separate_on_ray` raises the original again (the
+    command's own SIGTERM exception, exit 143 rather than 130).
+    """
+
+    raised: BaseException | None = None
+
+    def __init__(self, handler: Callable[[int, Any], Any]) -> None:
+        self.handler = handler
+
+    def __call__(self, signum: int, frame: Any) -> None:  # noqa: ANN401
+        try:
+            self.handler(signum, frame)
+        except BaseException as exc:
+            _Relay.raised = exc
+            raise
 
 
 def disconnect() -> None:
@@ -178,9 +213,9 @@ class _Worker:
         except SplitstemsError as exc:  # told to the driver by ready(), not a crash
             self.separator, self.error = None, f"a Ray worker ({self.name}): {exc}"
 
-    def ready(self) -> str | None:
-        """Return None once the model is loaded, else why it could not be."""
-        return self.error
+    def ready(self) -> tuple[str, str | None]:
+        """Return this worker's ``ip:pid`` and None, or why the model could not be loaded."""
+        return self.name, self.error
 
     def run(
         self, paths: list[str], destination: str, settings: dict[str, Any], resume: bool
@@ -460,14 +495,16 @@ def separate_on_ray(
     idle: list[Any] = []
     running: dict[Any, tuple[Any, int]] = {}  # run() ref → (actor, group)
     lost_at_start = 0  # actors that died before their model was loaded
+    names: dict[Any, str] = {}  # actor → its ip:pid
 
     def start_actor() -> None:
         actor = actor_class.remote(params, options, env)
         starting[actor.ready.remote()] = actor
 
-    def finish(index: int, result: ClusterResult) -> None:
-        result.path = given[index]  # and its messages name it as given
-        result.reason = result.reason.replace(str(absolute[index]), str(given[index]))
+    def finish(index: int, result: ClusterResult, group: int) -> None:
+        result.path = given[index]  # and its messages name the inputs as given
+        for i in groups[group]:
+            result.reason = result.reason.replace(str(absolute[i]), str(given[i]))
         ended[index] = result
         manifest.add(index, _manifest_line(result, given[index], root))
         bar.add(result)
@@ -477,9 +514,11 @@ def separate_on_ray(
     def fail_group(group: int, reason: str) -> None:
         for index in groups[group]:
             why = f"{given[index]}: {reason}"
-            finish(index, ClusterResult(given[index], "failed", why, attempts=attempts[group]))
+            result = ClusterResult(given[index], "failed", why, attempts=attempts[group])
+            finish(index, result, group)
 
     bar = _Progress(len(given), progress)
+    _Relay.raised = None
     try:
         for _ in range(n_actors):  # they load the model while the inputs are planned
             start_actor()
@@ -502,7 +541,7 @@ def separate_on_ray(
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
-                        problem = ray.get(ref)
+                        names[actor], problem = ray.get(ref)
                     except RayError as exc:  # died while loading: try another, a few times
                         lost_at_start += 1
                         if lost_at_start > n_actors * (retries + 1):
@@ -539,16 +578,64 @@ def separate_on_ray(
                     continue
                 idle.append(actor)
                 for index, row in zip(groups[group], rows, strict=True):
-                    finish(index, _result(row, attempts[group]))
+                    finish(index, _result(row, attempts[group]), group)
+    except KeyboardInterrupt as exc:  # as the signal's own handler raised it
+        raised = _Relay.raised
+        if raised is not None and raised is not exc and isinstance(raised, KeyboardInterrupt):
+            raise raised from None
+        raise
     finally:
         report.wall = time.perf_counter() - start
         bar.close()
         for actor in [*idle, *starting.values(), *(a for a, _ in running.values())]:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
+        # Stopped mid-file: once their workers are gone, their temp files go too.
+        _wait_gone([names.get(actor, "") for actor, _ in running.values()])
+        for _, group in running.values():
+            _remove_temps([absolute[i] for i in groups[group]], root, config.instruments, settings)
         manifest.close()
     report.results = [ended[index] for index in sorted(ended)]
     return report
+
+
+def _wait_gone(workers: Sequence[str]) -> None:
+    """Wait (at most ``_KILL_WAIT`` s) until the killed workers of this host have exited."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    pids = [int(w.rpartition(":")[2]) for w in workers if w.rpartition(":")[0] == here]
+    deadline = time.monotonic() + _KILL_WAIT
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _running(pid)]
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_temps(
+    paths: Sequence[Path], root: Path, instruments: tuple[str, ...], settings: Mapping[str, Any]
+) -> None:
+    """Remove the temp files of these inputs' stems whose writers are gone."""
+    for path in paths:
+        with contextlib.suppress(SplitstemsError):
+            targets = output_paths(
+                path,
+                root,
+                instruments,
+                codec=settings["codec"],
+                filename_format=settings["filename_format"],
+            )
+            for target in targets.values():
+                remove_stale_temps(target)
 
 
 def _result(row: dict[str, Any], attempts: int) -> ClusterResult:
