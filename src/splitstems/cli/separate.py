@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from splitstems.cli.options import (
     add_run_options,
     duration,
     offset,
+    positive_float,
     positive_int,
     separator_options,
 )
@@ -26,6 +28,19 @@ from splitstems.errors import SplitstemsError
 
 CODECS = ("wav", "mp3", "ogg", "m4a", "wma", "flac")
 log = logging.getLogger("splitstems")
+#: What ``--ray ADDRESS`` takes for an address; any other value is an input file.
+RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|\S+:[0-9]+")
+
+
+def non_negative_float(text: str) -> float:
+    """Parse a finite number ``>= 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
@@ -93,16 +108,49 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         sep,
         fast_help="bfloat16 on the CPU, float16 on GPUs: faster, ~45 dB from the faithful output",
     )
+    add_ray_options(sep)
     sep.set_defaults(handler=run)
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]``, ``--ray-cpus-per-worker`` and ``--ray-gpus-per-worker``."""
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="separate on a Ray cluster (pip install 'splitstems[cluster]'): auto, host:port "
+        "or ray://host:port; no value: the Ray running on this machine, else a new one. "
+        "-o must be a folder every node sees; see docs/cluster.md (default: off, this "
+        "machine only)",
+    )
+    parser.add_argument(
+        "--ray-cpus-per-worker",
+        metavar="N",
+        type=positive_float,
+        default=1.0,
+        help="CPUs of each Ray worker (one model each; its torch threads)",
+    )
+    parser.add_argument(
+        "--ray-gpus-per-worker",
+        metavar="N",
+        type=non_negative_float,
+        default=0.0,
+        help="GPUs of each Ray worker (0.5: two workers share a GPU)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``splitstems separate``; return the exit code."""
     from splitstems.audio import check_encoding
     from splitstems.batch import FileResult, expand_inputs, separate_files
+    from splitstems.config import load_config
     from splitstems.errors import OutputError
     from splitstems.separator import Separator, output_paths
 
+    if args.ray and not RAY_ADDRESS.fullmatch(args.ray):  # `--ray song.mp3`: an input
+        args.files, args.ray = [args.ray, *args.files], ""
     files = expand_inputs([*args.files, *args.inputs])
     if not files:
         given = " ".join([*args.files, *args.inputs])
@@ -114,13 +162,16 @@ def run(args: argparse.Namespace) -> int:
     bit_depth = args.bit_depth or DEFAULT_BIT_DEPTH
     try:  # None: not given (a codec that ignores it warns only when it was)
         warnings = check_encoding(args.codec, bitrate=args.bitrate, bit_depth=args.bit_depth)
-        separator = Separator(
-            args.params, batch_segments=args.batch_segments, **separator_options(args)
-        )
+        options = {"batch_segments": args.batch_segments, **separator_options(args)}
+        if args.ray is None:
+            separator = Separator(args.params, **options)
+            instruments = separator.instruments
+        else:  # the Ray workers load the model
+            instruments = load_config(args.params).instruments
         output_paths(
             files[0],
             args.output_path,
-            separator.instruments,
+            instruments,
             codec=args.codec,
             filename_format=args.filename_format,
         )
@@ -159,19 +210,35 @@ def run(args: argparse.Namespace) -> int:
             f"-> {folder}{redone}"
         )
 
-    batch = separate_files(
-        separator,
-        files,
-        args.output_path,
-        codec=args.codec,
-        bitrate=bitrate,
-        bit_depth=bit_depth,
-        offset=args.offset,
-        duration=args.duration,
-        filename_format=args.filename_format,
-        resume=args.resume,
-        on_result=report,
-    )
+    settings = {
+        "codec": args.codec,
+        "bitrate": bitrate,
+        "bit_depth": bit_depth,
+        "offset": args.offset,
+        "duration": args.duration,
+        "filename_format": args.filename_format,
+        "resume": args.resume,
+        "on_result": report,
+    }
+    if args.ray is not None:
+        from splitstems.cluster import connect, disconnect, separate_on_ray
+
+        connect(args.ray or None)
+        try:
+            batch = separate_on_ray(
+                args.params,
+                files,
+                args.output_path,
+                separator_options=options,
+                cpus_per_worker=args.ray_cpus_per_worker,
+                gpus_per_worker=args.ray_gpus_per_worker,
+                **settings,
+            )
+        finally:  # a Ray started here stops with the command
+            disconnect()
+        print(batch.summary(), file=sys.stderr if batch.failed else sys.stdout)
+        return EXIT_FAILED if batch.failed else EXIT_OK
+    batch = separate_files(separator, files, args.output_path, **settings)
     if len(files) > 1:  # one line, on stderr when something failed
         print(batch.summary(), file=sys.stderr if batch.failed else sys.stdout)
     return EXIT_FAILED if batch.failed else EXIT_OK
