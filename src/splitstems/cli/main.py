@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from splitstems import __version__
 from splitstems.cli import evaluate, models, separate, train
+from splitstems.cli import stream as stream_command
 from splitstems.cli.options import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parsers(sub, **common)
     evaluate.add_parser(sub, **common)
     train.add_parser(sub, **common)
+    stream_command.add_parser(sub, **common)
     return parser
 
 
