@@ -122,8 +122,8 @@ class LiveSeparator:
     returns instrument → the ``(m, n_channels)`` float32 samples that became final;
     ``flush()`` returns the rest, after which the separator is ready for a new stream.
     All outputs of one stream, concatenated, are exactly as long as its input and
-    sample-aligned with it. Every input sample's stems are returned by the push that
-    brings the input to at least ``delay_samples`` samples after it.
+    sample-aligned with it. The stems of input sample ``i`` are returned at the latest by
+    the push that brings the input to ``i + delay_samples`` samples.
 
     Args:
         engine: the engine whose model, masks, STFT and device are used.
@@ -132,6 +132,10 @@ class LiveSeparator:
         batch: model runs batched together when a block brings several (more is faster
             for files, no help for small live blocks).
         on_windows: called with the number of model runs after each batch (progress).
+        threads: CPU threads for the model (process-wide). None: the engine's, if they
+            were given, else 1. A short window gives two threads little to share, and on
+            a busy machine their waiting for each other made a step 10-20x slower
+            (docs/live.md); one thread keeps a stream steady.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class LiveSeparator:
         settings: LiveSettings | None = None,
         batch: int = 1,
         on_windows: Callable[[int], None] | None = None,
+        threads: int | None = None,
     ) -> None:
         if engine.mwf or engine.shifts != 1:
             raise ValueError(
@@ -156,6 +161,7 @@ class LiveSeparator:
         self.on_windows = on_windows
         self._hop, self._n_fft = cfg.frame_step, cfg.frame_length
         self._device = engine.device
+        self.threads = threads or engine.threads_given or 1
         self.reset()
 
     @property
@@ -202,9 +208,22 @@ class LiveSeparator:
         self._nonfinite = audio.NonFinite("live input", cfg.sample_rate)
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run the model once on silence, so that the first real window is not slow.
+
+        The first run of a model builds its kernels (oneDNN primitives, CUDA contexts),
+        which takes longer than the whole delay; a live stream should not pay it.
+        """
+        self._set_threads()
+        s = self.settings
+        windows = torch.zeros(self.batch, self.n_channels, s.window, self.config.F)
+        self.engine.estimate(windows.to(self._device))
+
+    @torch.inference_mode()
     def push(self, block: Any) -> dict[str, np.ndarray]:  # noqa: ANN401 - array-like
         """Add ``(n, n_channels)`` samples; return instrument → the samples now final."""
         data = self._checked(block)
+        self._set_threads()
         out: list[torch.Tensor] = []
         piece = self.settings.hop * self.batch * self._hop
         for begin in range(0, data.shape[0], piece):  # bounded work and memory per step
@@ -218,6 +237,7 @@ class LiveSeparator:
     def flush(self) -> dict[str, np.ndarray]:
         """End the stream: return the remaining samples of every stem, then reset."""
         out: list[torch.Tensor] = []
+        self._set_threads()
         if self.n_input:
             end = self._n_fft + self.n_input  # padded position just after the input
             total = dsp.n_frames_for(self.n_input, frame_length=self._n_fft, frame_step=self._hop)
@@ -229,6 +249,10 @@ class LiveSeparator:
         self._nonfinite.report()
         self.reset()
         return stems
+
+    def _set_threads(self) -> None:
+        if self._device.type == "cpu" and torch.get_num_threads() != self.threads:
+            set_threads(self.threads)
 
     def _checked(self, block: Any) -> np.ndarray:  # noqa: ANN401
         data = np.asarray(block)
@@ -343,9 +367,12 @@ class LiveEngine:
         """Separate ``(n, n_channels)`` chunks through the live path (see :meth:`Engine.stream`)."""
         if callable(chunks):
             chunks = chunks()
-        set_threads(self.base.thread_plan().threads)
         live = LiveSeparator(
-            self.base, settings=self.live_settings, batch=self.batch, on_windows=on_segments
+            self.base,
+            settings=self.live_settings,
+            batch=self.batch,
+            on_windows=on_segments,
+            threads=self.base.thread_plan().threads,  # batches of windows: as offline
         )
         iterator = iter(chunks)
         try:

@@ -273,7 +273,8 @@ class DeviceInput:
     ) -> None:
         self.device, self.sample_rate, self.n_channels = device, sample_rate, n_channels
         self.block_samples = block_samples
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(
+        self._closed = threading.Event()
+        self._queue: queue.Queue[np.ndarray] = queue.Queue(
             maxsize=max(1, int(max_seconds * sample_rate / block_samples))
         )
         self.dropped = 0
@@ -306,12 +307,13 @@ class DeviceInput:
             raise AudioError(f"input device {self.device}: {exc}") from exc
 
     def blocks(self) -> Iterator[np.ndarray]:
-        """Yield the recorded blocks until :meth:`close`."""
+        """Yield the recorded blocks until :meth:`close` (and what was queued before it)."""
         while True:
-            block = self._queue.get()
-            if block is None:
-                return
-            yield block
+            try:
+                yield self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._closed.is_set() and self._queue.empty():
+                    return
 
     def close(self) -> None:
         """Stop the device; :meth:`blocks` ends after what is queued."""
@@ -319,17 +321,13 @@ class DeviceInput:
             self._stream.stop()
             self._stream.close()
             self._stream = None
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            self._queue.get_nowait()
-            self._queue.put_nowait(None)
+        self._closed.set()
 
 
 class DevicePlayer:
     """Speakers: :meth:`write` queues samples, sounddevice's output callback plays them.
 
-    Holds at most ``max_seconds`` (older samples are dropped and counted in
+    Holds at most ``max_seconds`` (the oldest samples are dropped and counted in
     :attr:`dropped`); when nothing is queued the callback plays silence and counts the
     samples in :attr:`underruns`.
     """
@@ -356,10 +354,16 @@ class DevicePlayer:
         with self._lock:
             self._blocks.append(np.asarray(samples, dtype=np.float32))
             self._queued += len(samples)
-            while self._queued > self.max_samples:
-                old = self._blocks.popleft()
-                self._queued -= len(old)
-                self.dropped += len(old)
+            while self._queued > self.max_samples:  # the oldest samples go first
+                excess = self._queued - self.max_samples
+                head = self._blocks[0]
+                if len(head) <= excess:
+                    self._blocks.popleft()
+                else:
+                    self._blocks[0] = head[excess:]
+                cut = min(excess, len(head))
+                self._queued -= cut
+                self.dropped += cut
 
     def callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:  # noqa: ANN401
         """PortAudio's output callback: fill ``outdata`` from the queue, silence after."""

@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
         live = separator.live(args.latency)
+        live.warm_up()
     except (SplitstemsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

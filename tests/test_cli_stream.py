@@ -1,0 +1,260 @@
+"""``splitstems stream`` through pipes at real-time pace, Ctrl-C, bad input; device adapters."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitstems import audio
+from splitstems.liveio import DeviceInput, DevicePlayer, GrowingWav, WavStreamWriter
+
+RATE = 44100
+
+
+@pytest.fixture(scope="module")
+def music(shared_dir: Path) -> np.ndarray:
+    """Three seconds of a MUSDB18 preview's mixture (stereo, 44.1 kHz)."""
+    track = sorted((shared_dir / "audio" / "musdb7" / "test").glob("*.stem.mp4"))[1]
+    return audio.load(track, offset=2.0, duration=3.0, sample_rate=RATE, n_channels=2)
+
+
+def _start(model_env: dict[str, str], *args: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "splitstems", "stream", *map(str, args)],
+        env={**os.environ, **model_env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+
+
+def _ready_line(proc: subprocess.Popen) -> str:
+    """Wait for the line that says the model is loaded (it comes before any reading)."""
+    line = proc.stderr.readline().decode()
+    assert line.startswith("stream: "), (line, proc.stderr.read().decode())
+    return line
+
+
+def test_pipe_at_real_time_pace_every_sample_within_latency_and_exactly_aligned(
+    model_env: dict[str, str], separator_2stems, music: np.ndarray
+) -> None:
+    proc = _start(
+        model_env, "-", "--format", "f32le", "--rate", RATE, "--channels", 2, "--stdout", "vocals"
+    )
+    latency = float(re.search(r"latency ([0-9.]+) s", _ready_line(proc)).group(1))
+    assert latency <= 0.5
+    block = 1024
+    written_at = np.zeros(len(music))  # when each input sample had been written
+    arrivals: list[tuple[int, float]] = []  # (output bytes so far, time)
+    received = bytearray()
+
+    def read() -> None:
+        while data := os.read(proc.stdout.fileno(), 1 << 16):
+            received.extend(data)
+            arrivals.append((len(received), time.monotonic()))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    start = time.monotonic()
+    for begin in range(0, len(music), block):  # real-time pace
+        time.sleep(max(0.0, start + begin / RATE - time.monotonic()))
+        chunk = music[begin : begin + block]
+        proc.stdin.write(chunk.astype("<f4").tobytes())
+        written_at[begin : begin + len(chunk)] = time.monotonic()
+    proc.stdin.close()
+    reader.join(timeout=60)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+
+    out = np.frombuffer(bytes(received), "<f4").reshape(-1, 2)
+    assert out.shape == music.shape  # exactly the input's length
+    done = 0
+    worst = 0.0
+    for n_bytes, at in arrivals:  # the oldest sample of each read decides
+        n = n_bytes // 8
+        if n > done:
+            worst = max(worst, at - written_at[done])
+            done = n
+    assert worst <= latency + 0.5, f"a sample came {worst:.3f} s after it was written"
+    live = separator_2stems.live(0.5)  # the same separation, computed here at once
+    first = live.push(music)
+    expected = np.concatenate([first["vocals"], live.flush()["vocals"]])
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)  # sample-aligned
+
+
+def test_ctrl_c_keeps_growing_wavs_valid_with_every_sample_read(
+    model_env: dict[str, str], music: np.ndarray, tmp_path: Path
+) -> None:
+    proc = _start(model_env, "-", "--format", "s16le", "-o", tmp_path / "out")
+    _ready_line(proc)
+    pcm = (music[: RATE * 2] * 32767).astype("<i2")
+    proc.stdin.write(pcm.tobytes())  # 2 s, then the stream stays open
+    vocals = tmp_path / "out" / "vocals.wav"
+    for _ in range(600):  # the file grows while the stream runs
+        if vocals.exists() and vocals.stat().st_size > 44 + RATE * 4:
+            break
+        time.sleep(0.05)
+    with wave.open(str(vocals)) as grown:
+        assert grown.getnframes() >= RATE  # valid while still being written
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in proc.stderr.read().decode()
+    for stem in ("vocals", "accompaniment"):
+        with wave.open(str(tmp_path / "out" / f"{stem}.wav")) as done:
+            assert done.getnframes() == len(pcm)  # flushed: everything read is separated
+            assert done.getframerate() == RATE and done.getnchannels() == 2
+
+
+def test_input_ending_mid_sample_says_so_and_keeps_what_was_separated(
+    model_env: dict[str, str], music: np.ndarray, tmp_path: Path
+) -> None:
+    data = music[:5000].astype("<f4").tobytes() + b"\x00\x01\x02"
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "stream", "-", "--format", "f32le", "-o", tmp_path],
+        env={**os.environ, **model_env},
+        input=data,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.decode().splitlines() if line.startswith("error")]
+    assert errors == [
+        "error: stdin: input ends mid-sample (3 bytes after the last whole f32le "
+        "frame of 2 channel(s))"
+    ]
+    with wave.open(str(tmp_path / "vocals.wav")) as kept:
+        assert kept.getnframes() == 5000
+
+
+def test_wav_through_stdin_and_stdout_keeps_length(
+    model_env: dict[str, str], music: np.ndarray, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.wav"
+    audio.save(source, music, sample_rate=RATE)
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "stream", "-", "--stdout", "accompaniment"],
+        env={**os.environ, **model_env},
+        input=source.read_bytes(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = tmp_path / "out.wav"
+    out.write_bytes(result.stdout)
+    decoded = audio.load(out, sample_rate=RATE, n_channels=2)
+    assert decoded.shape == music.shape
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-"], "give an output"),
+        (["--stdout", "vocals"], "give INPUT"),
+        (
+            ["-", "--stdout", "drums"],
+            "--stdout drums: this model's stems are vocals, accompaniment",
+        ),
+        (["-", "--stdout", "vocals", "--latency", "0.1"], "below the shortest"),
+        (["-", "--stdout", "vocals", "--rate", "8000"], "give --format too"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(
+    model_env: dict[str, str], args: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "stream", *args],
+        env={**os.environ, **model_env},
+        input=b"",
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().splitlines()[-1].startswith("error: ")
+    assert message in result.stderr.decode()
+
+
+# -------------------------------------------------------------- device adapters
+
+
+class _Status:
+    """What PortAudio passes as ``status`` (sounddevice.CallbackFlags)."""
+
+    def __init__(self, input_overflow: bool = False) -> None:
+        self.input_overflow = input_overflow
+
+    def __bool__(self) -> bool:
+        return self.input_overflow
+
+
+def test_device_input_replays_a_recorded_callback_sequence_and_counts_overruns(
+    rng: np.random.Generator,
+) -> None:
+    device = DeviceInput(
+        None, sample_rate=RATE, n_channels=2, max_seconds=3 * 256 / RATE, block_samples=256
+    )
+    recorded = [rng.standard_normal((256, 2)).astype(np.float32) for _ in range(5)]
+    for index, block in enumerate(recorded):  # as PortAudio's thread would call it
+        buffer = block.copy()
+        device.callback(buffer, 256, None, _Status(input_overflow=index == 1))
+        buffer[:] = 0  # PortAudio reuses its buffer: the queue must hold copies
+    assert device.overflows == 1
+    assert device.dropped == 2 * 256  # the queue holds 3 blocks: the last 2 were dropped
+    device.close()
+    got = list(device.blocks())
+    assert len(got) == 3
+    for block, expected in zip(got, recorded[:3], strict=True):
+        np.testing.assert_array_equal(block, expected)
+
+
+def test_device_player_plays_queued_samples_in_order_then_silence() -> None:
+    player = DevicePlayer(None, sample_rate=RATE, n_channels=2, max_seconds=1.0)
+    samples = np.arange(2 * 700, dtype=np.float32).reshape(700, 2)
+    player.write(samples[:300])
+    player.write(samples[300:])
+    played = []
+    for frames in (256, 256, 256):  # the callbacks PortAudio makes
+        out = np.full((frames, 2), 99.0, np.float32)
+        player.callback(out, frames, None, _Status())
+        played.append(out)
+    joined = np.concatenate(played)
+    np.testing.assert_array_equal(joined[:700], samples)
+    np.testing.assert_array_equal(joined[700:], 0.0)
+    assert player.underruns == 768 - 700
+    player.write(samples[:300])
+    player.write(np.ones((RATE + 10, 2), np.float32))  # more than max_seconds: oldest go
+    assert player.dropped == 310
+    out = np.zeros((RATE + 5, 2), np.float32)
+    player.callback(out, RATE + 5, None, _Status())
+    np.testing.assert_array_equal(out[:RATE], 1.0)
+    np.testing.assert_array_equal(out[RATE:], 0.0)
+
+
+def test_growing_wav_is_valid_after_every_write_and_wav_stream_header(tmp_path: Path) -> None:
+    path = tmp_path / "stem.wav"
+    writer = GrowingWav(path, sample_rate=RATE, n_channels=2)
+    for n in (100, 250):
+        writer.write(np.zeros((n, 2), np.float32))
+        with wave.open(str(path)) as reading:  # not closed yet: the header is current
+            assert reading.getnframes() in (100, 350)
+    writer.close()
+    with wave.open(str(path)) as done:
+        assert done.getnframes() == 350
+    stream_path = tmp_path / "stream.wav"
+    with open(stream_path, "wb") as out:
+        WavStreamWriter(out, sample_rate=RATE, n_channels=2).write(
+            np.full((1000, 2), 0.5, np.float32)
+        )
+    decoded = audio.load(stream_path, sample_rate=RATE, n_channels=2)
+    assert decoded.shape == (1000, 2)
+    np.testing.assert_allclose(decoded, 0.5, atol=1e-4)
