@@ -334,9 +334,18 @@ class LiveEngine:
     wrapped engine's.
     """
 
-    def __init__(self, engine: Engine, *, latency: float, batch: int = 8) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        latency: float = DEFAULT_LATENCY,
+        settings: LiveSettings | None = None,
+        batch: int = 8,
+    ) -> None:
+        if engine.overlap_frames:
+            raise ValueError("a latency and an overlap of segments do not go together")
         self.base = engine
-        self.live_settings = LiveSeparator(engine, latency=latency).settings
+        self.live_settings = LiveSeparator(engine, latency=latency, settings=settings).settings
         self.batch = batch
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the wrapped engine's attributes
