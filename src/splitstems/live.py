@@ -18,7 +18,6 @@ magnitudes, the frames not yet masked, one iSTFT tail.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -58,25 +57,17 @@ class LiveSettings:
         window: STFT frames the U-Nets see at once (a multiple of 64).
         hop: frames decided by each model run (model runs per frame: ``1 / hop``).
         lookahead: frames after the decided ones that the window still sees.
-        average: the estimates of a decided frame are the mean over this many windows:
-            the newest and the ``average - 1`` before it (each ``hop`` frames earlier, so
-            with less look-ahead). The windows sit at different phases of the U-Net's
-            stride-64 grid, which evens out its errors as test-time shifts do offline;
-            it costs no model runs (those windows ran anyway).
     """
 
     window: int
     hop: int
     lookahead: int
-    average: int = 1
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.window % WINDOW_MULTIPLE:
             raise ValueError(f"window must be a multiple of {WINDOW_MULTIPLE} frames: {self}")
         if self.hop < 1 or self.lookahead < 0 or self.hop + self.lookahead > self.window:
             raise ValueError(f"need hop >= 1, lookahead >= 0, hop + lookahead <= window: {self}")
-        if self.average < 1 or (self.average - 1) * self.hop > self.lookahead:
-            raise ValueError(f"need 1 <= average and (average - 1) * hop <= lookahead: {self}")
 
     def delay_samples(self, config: ModelConfig) -> int:
         """Worst-case algorithmic delay in samples: input in to its stems out."""
@@ -102,7 +93,7 @@ LIVE_SETTINGS: tuple[LiveSettings, ...] = (
     LiveSettings(window=64, hop=4, lookahead=4),
     LiveSettings(window=64, hop=8, lookahead=4),
     LiveSettings(window=64, hop=8, lookahead=8),
-    LiveSettings(window=64, hop=16, lookahead=16),
+    LiveSettings(window=128, hop=8, lookahead=24),
     LiveSettings(window=128, hop=32, lookahead=32),
 )
 
@@ -215,8 +206,6 @@ class LiveSeparator:
             n_inst, n_ch, s.hop * self.batch, cfg.n_bins, dtype=torch.complex64, device=dev
         )
         self._nonfinite = audio.NonFinite("live input", cfg.sample_rate)
-        # the last windows' estimates of frames later windows decide (see LiveSettings.average)
-        self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=s.average - 1)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -325,17 +314,9 @@ class LiveSeparator:
         windows = torch.stack([self._window(end, first_mag) for end in ends])  # (n_runs, C, W, F)
         estimates = self.engine.estimate(windows)  # (n_runs, I, C, W, F)
         lo = s.window - s.lookahead - s.hop
-        parts = []
-        for k in range(n_runs):  # each window decides a hop, averaged with older windows
-            current = estimates[k, :, :, lo : lo + s.average * s.hop]  # (I, C, <=a*hop, F)
-            total = current[:, :, : s.hop].clone()
-            for j, older in enumerate(reversed(self._recent), start=1):
-                total += older[:, :, j * s.hop : (j + 1) * s.hop]
-            total /= 1 + len(self._recent)
-            self._recent.append(current)
-            parts.append(total)
+        decided = estimates[:, :, :, lo : lo + s.hop]  # (n_runs, I, C, hop, F)
         n = n_runs * s.hop
-        decided = torch.cat(parts, dim=2)  # (I, C, n, F)
+        decided = decided.permute(1, 2, 0, 3, 4).reshape(*decided.shape[1:3], n, decided.shape[-1])
         stems = self.engine.apply_masks(decided, self._spec[:, :n], out=self._stems[:, :, :n])
         signal = dsp.istft(stems, self.engine.window, frame_step=self._hop)
         signal[..., : self._tail.shape[-1]] += self._tail
