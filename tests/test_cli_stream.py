@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import wave
 from pathlib import Path
 
@@ -258,3 +260,102 @@ def test_growing_wav_is_valid_after_every_write_and_wav_stream_header(tmp_path: 
     decoded = audio.load(stream_path, sample_rate=RATE, n_channels=2)
     assert decoded.shape == (1000, 2)
     np.testing.assert_allclose(decoded, 0.5, atol=1e-4)
+
+
+class _FakeSoundDevice(types.ModuleType):
+    """sounddevice as PortAudio would drive it, replaying a recorded input sequence.
+
+    No sound devices exist here: InputStream calls the callback with the recorded
+    blocks (as PortAudio's thread would), OutputStream pulls 512 frames at a time into
+    ``played``; when the recording is over and played out, Ctrl-C is sent.
+    """
+
+    class PortAudioError(Exception):
+        pass
+
+    def __init__(self, recording: list[np.ndarray]) -> None:
+        super().__init__("sounddevice")
+        self.recording = recording
+        self.played: list[np.ndarray] = []
+        self.opened: list[dict[str, object]] = []
+        fake = self
+
+        class InputStream:
+            def __init__(self, **kwargs: object) -> None:
+                fake.opened.append({"kind": "input", **kwargs})
+                self.callback = kwargs["callback"]
+
+            def start(self) -> None:
+                def replay() -> None:
+                    for block in fake.recording:
+                        self.callback(block.copy(), len(block), None, _Status())
+                        time.sleep(len(block) / RATE / 4)  # 4x real time
+                    time.sleep(1.5)  # the last stems come out, and are played
+                    _thread.interrupt_main()  # Ctrl-C
+
+                threading.Thread(target=replay, daemon=True).start()
+
+            def stop(self) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        class OutputStream:
+            def __init__(self, **kwargs: object) -> None:
+                fake.opened.append({"kind": "output", **kwargs})
+                self.callback = kwargs["callback"]
+                self.running = True
+
+            def start(self) -> None:
+                def pull() -> None:
+                    while self.running:
+                        out = np.empty((512, 2), np.float32)
+                        self.callback(out, 512, None, _Status())
+                        fake.played.append(out)
+                        time.sleep(512 / RATE / 4)
+
+                threading.Thread(target=pull, daemon=True).start()
+
+            def stop(self) -> None:
+                self.running = False
+
+            def close(self) -> None:
+                pass
+
+        self.InputStream = InputStream
+        self.OutputStream = OutputStream
+
+
+def test_input_device_to_speakers_and_files_with_recorded_callbacks(
+    use_shared_models: None,
+    music: np.ndarray,
+    separator_2stems,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from splitstems.cli.main import main
+
+    recording = [music[i : i + 1024] for i in range(0, RATE, 1024)]  # 1 s in 1024 blocks
+    fake = _FakeSoundDevice(recording)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    code = main(["stream", "--input-device", "3", "--play", "vocals", "-o", str(tmp_path / "out")])
+    assert code == 130  # stopped by Ctrl-C, outputs flushed and closed
+    assert [(o["kind"], o["device"], o["samplerate"]) for o in fake.opened] == [
+        ("output", None, RATE),
+        ("input", 3, RATE),
+    ]
+    recorded = np.concatenate(recording)
+    live = separator_2stems.live(0.5)
+    first = live.push(recorded)
+    expected = {k: np.concatenate([first[k], v]) for k, v in live.flush().items()}
+    with wave.open(str(tmp_path / "out" / "vocals.wav")) as saved:
+        assert saved.getnframes() == len(recorded)  # every recorded sample, separated
+        pcm = np.frombuffer(saved.readframes(saved.getnframes()), "<i2").reshape(-1, 2)
+    np.testing.assert_allclose(pcm / 32767, expected["vocals"], atol=2e-4)
+    # the speakers got the vocals in order, with silence wherever the player ran dry
+    played = np.concatenate(fake.played)
+    played = played[np.any(played != 0, axis=1)]
+    vocals = expected["vocals"][np.any(expected["vocals"] != 0, axis=1)]
+    assert len(played) == len(vocals)
+    np.testing.assert_allclose(played, vocals, atol=1e-4)

@@ -329,7 +329,7 @@ class DevicePlayer:
 
     Holds at most ``max_seconds`` (the oldest samples are dropped and counted in
     :attr:`dropped`); when nothing is queued the callback plays silence and counts the
-    samples in :attr:`underruns`.
+    samples in :attr:`underruns` (once the first samples have come).
     """
 
     def __init__(
@@ -347,11 +347,13 @@ class DevicePlayer:
         self._lock = threading.Lock()
         self.dropped = 0
         self.underruns = 0
+        self._written = False
         self._stream: Any = None
 
     def write(self, samples: np.ndarray) -> None:
         """Queue ``(n, channels)`` samples for playing."""
         with self._lock:
+            self._written = True
             self._blocks.append(np.asarray(samples, dtype=np.float32))
             self._queued += len(samples)
             while self._queued > self.max_samples:  # the oldest samples go first
@@ -381,7 +383,8 @@ class DevicePlayer:
                     self._blocks[0] = head[take:]
         if filled < frames:
             outdata[filled:frames] = 0
-            self.underruns += frames - filled
+            if self._written:  # silence before the first stems is the delay, not a gap
+                self.underruns += frames - filled
 
     def start(self) -> None:
         """Open and start the output stream."""

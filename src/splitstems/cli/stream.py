@@ -293,6 +293,9 @@ def _pump(
     seconds = n_in / rate
     dropped = getattr(device_in, "dropped", 0)
     notes = f"; {dropped / rate:.2f} s of input dropped (overruns)" if dropped else ""
+    played_dry = sum(getattr(t, "underruns", 0) for ts in outputs.writers.values() for t in ts)
+    if played_dry:
+        notes += f"; {played_dry / rate:.2f} s of silence played while waiting (underruns)"
     print(
         f"stream: {seconds:.1f} s separated in {elapsed:.1f} s{notes}",
         file=sys.stderr,
