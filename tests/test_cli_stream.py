@@ -359,3 +359,56 @@ def test_input_device_to_speakers_and_files_with_recorded_callbacks(
     vocals = expected["vocals"][np.any(expected["vocals"] != 0, axis=1)]
     assert len(played) == len(vocals)
     np.testing.assert_allclose(played, vocals, atol=1e-4)
+
+
+def test_url_input_through_a_local_server(
+    model_env: dict[str, str], music: np.ndarray, tmp_path: Path
+) -> None:
+    import functools
+    import http.server
+
+    audio.save(tmp_path / "song.wav", music[: RATE // 2], sample_rate=RATE)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        ok = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "splitstems",
+                "stream",
+                f"{base}/song.wav",
+                "--stdout",
+                "vocals",
+                "--format",
+                "s16le",
+            ],
+            env={**os.environ, **model_env},
+            capture_output=True,
+            timeout=120,
+        )
+        missing = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "splitstems",
+                "stream",
+                f"{base}/none.wav",
+                "-o",
+                tmp_path / "out",
+            ],
+            env={**os.environ, **model_env},
+            capture_output=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ok.returncode == 0, ok.stderr.decode()
+    assert len(ok.stdout) == (RATE // 2) * 2 * 2  # s16le stereo, the input's length
+    assert missing.returncode == 1
+    assert "none.wav: cannot open as audio (Server returned 404 Not Found)" in (
+        missing.stderr.decode()
+    )
