@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,9 +381,8 @@ class LiveEngine:
         """Model runs per hop of input (one)."""
         return 1
 
-    def separate(self, waveform: np.ndarray) -> dict[str, np.ndarray]:
-        """Separate a whole waveform ``(n_samples, n_channels)`` through the live path."""
-        return _joined(self.stream([waveform]), self.base.instruments, self.base.config)
+    #: A whole waveform through the live path: the engine's own joining of :meth:`stream`.
+    separate = Engine.separate
 
     def stream(
         self, chunks: ChunkSource, *, on_segments: Callable[[int], None] | None = None
@@ -412,16 +411,3 @@ class LiveEngine:
         if next(iter(stems.values())).shape[0]:
             yield stems
 
-
-def _joined(
-    parts: Iterable[dict[str, np.ndarray]], instruments: tuple[str, ...], config: ModelConfig
-) -> dict[str, np.ndarray]:
-    """Concatenate stem pieces per instrument."""
-    pieces: dict[str, list[np.ndarray]] = {name: [] for name in instruments}
-    for part in parts:
-        for name, samples in part.items():
-            pieces[name].append(samples)
-    return {
-        name: np.concatenate(chunks) if chunks else np.zeros((0, config.n_channels), np.float32)
-        for name, chunks in pieces.items()
-    }

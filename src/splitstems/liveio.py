@@ -252,6 +252,31 @@ def _sounddevice() -> Any:  # noqa: ANN401 - the module
     return sounddevice
 
 
+def _start_stream(kind: str, adapter: DeviceInput | DevicePlayer, **options: Any) -> Any:  # noqa: ANN401
+    """Open and start sounddevice's ``InputStream`` or ``OutputStream`` for ``adapter``."""
+    sd = _sounddevice()
+    opener = sd.InputStream if kind == "input" else sd.OutputStream
+    try:
+        stream = opener(
+            device=adapter.device,
+            channels=adapter.n_channels,
+            samplerate=adapter.sample_rate,
+            dtype="float32",
+            callback=adapter.callback,
+            **options,
+        )
+        stream.start()
+    except (sd.PortAudioError, ValueError) as exc:
+        raise AudioError(f"{kind} device {adapter.device}: {exc}") from exc
+    return stream
+
+
+def _stop_stream(stream: Any) -> None:  # noqa: ANN401
+    if stream is not None:
+        stream.stop()
+        stream.close()
+
+
 class DeviceInput:
     """A microphone or line-in: sounddevice's input callback fills a bounded queue.
 
@@ -292,19 +317,7 @@ class DeviceInput:
 
     def start(self) -> None:
         """Open and start the input stream."""
-        sd = _sounddevice()
-        try:
-            self._stream = sd.InputStream(
-                device=self.device,
-                channels=self.n_channels,
-                samplerate=self.sample_rate,
-                blocksize=self.block_samples,
-                dtype="float32",
-                callback=self.callback,
-            )
-            self._stream.start()
-        except (sd.PortAudioError, ValueError) as exc:
-            raise AudioError(f"input device {self.device}: {exc}") from exc
+        self._stream = _start_stream("input", self, blocksize=self.block_samples)
 
     def blocks(self) -> Iterator[np.ndarray]:
         """Yield the recorded blocks until :meth:`close` (and what was queued before it)."""
@@ -317,10 +330,8 @@ class DeviceInput:
 
     def close(self) -> None:
         """Stop the device; :meth:`blocks` ends after what is queued."""
-        if self._stream is not None:
-            self._stream.stop()
-            self._stream.close()
-            self._stream = None
+        _stop_stream(self._stream)
+        self._stream = None
         self._closed.set()
 
 
@@ -388,24 +399,11 @@ class DevicePlayer:
 
     def start(self) -> None:
         """Open and start the output stream."""
-        sd = _sounddevice()
-        try:
-            self._stream = sd.OutputStream(
-                device=self.device,
-                channels=self.n_channels,
-                samplerate=self.sample_rate,
-                dtype="float32",
-                callback=self.callback,
-            )
-            self._stream.start()
-        except (sd.PortAudioError, ValueError) as exc:
-            raise AudioError(f"output device {self.device}: {exc}") from exc
+        self._stream = _start_stream("output", self)
 
     def close(self, *, drain: bool = True) -> None:
         """Stop the device, after what is queued has played unless ``drain`` is False."""
-        if self._stream is not None:
-            if drain:
-                time.sleep(self._queued / self.sample_rate)
-            self._stream.stop()
-            self._stream.close()
-            self._stream = None
+        if self._stream is not None and drain:
+            time.sleep(self._queued / self.sample_rate)
+        _stop_stream(self._stream)
+        self._stream = None
