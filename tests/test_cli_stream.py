@@ -412,3 +412,29 @@ def test_url_input_through_a_local_server(
     assert "none.wav: cannot open as audio (Server returned 404 Not Found)" in (
         missing.stderr.decode()
     )
+
+
+def test_separate_latency_writes_the_live_separation(
+    use_shared_models: None,
+    music: np.ndarray,
+    separator_2stems,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from splitstems.cli.main import main
+
+    source = tmp_path / "song.wav"
+    audio.save(source, music[:RATE], sample_rate=RATE, bit_depth="32f")
+    mix = audio.load(source)
+    assert (
+        main(
+            ["separate", str(source), "-o", str(tmp_path), "--latency", "0.5", "--bit-depth", "32f"]
+        )
+        == 0
+    )
+    live = separator_2stems.live(0.5)
+    first = live.push(mix)
+    expected = np.concatenate([first["vocals"], live.flush()["vocals"]])
+    np.testing.assert_allclose(audio.load(tmp_path / "song" / "vocals.wav"), expected, atol=1e-5)
+    assert main(["separate", str(source), "-o", str(tmp_path), "--latency", "0.5", "--mwf"]) == 2
+    assert "error: live separation works with ratio masks" in capsys.readouterr().err
