@@ -218,12 +218,17 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    for targets in writers.values():
-        for target in targets:
-            if isinstance(target, liveio.DevicePlayer):
-                target.start()
-    if device_in is not None:
-        device_in.start()
+    try:
+        for targets in writers.values():
+            for target in targets:
+                if isinstance(target, liveio.DevicePlayer):
+                    target.start()
+        if device_in is not None:
+            device_in.start()
+    except SplitstemsError as exc:  # no PortAudio, no such device
+        outputs.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return _pump(
         live,
         _Reader(opener),
