@@ -166,7 +166,8 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=None,
         help="separate through the live path with at most this delay in seconds (what "
-        "'splitstems stream' computes; see docs/live.md); not with --mwf, --shifts, --overlap",
+        "'splitstems stream' computes; see docs/live.md); not with --mwf, --shifts, --overlap "
+        "(default: off, the offline engine)",
     )
 
 

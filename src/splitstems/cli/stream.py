@@ -54,8 +54,12 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         help="longest delay, in seconds, from a sample in to its stems out (the settings "
         "with the longest delay that fits are used; see docs/live.md)",
     )
-    st.add_argument("-o", "--output_path", default=None, help="folder: one growing WAV per stem")
-    st.add_argument("--stdout", metavar="STEM", default=None, help="write this stem to stdout")
+    st.add_argument(
+        "-o", "--output_path", default=None, help="folder: one growing WAV per stem (default: none)"
+    )
+    st.add_argument(
+        "--stdout", metavar="STEM", default=None, help="write this stem to stdout (default: none)"
+    )
     st.add_argument(
         "--format",
         choices=("f32le", "s16le"),
@@ -63,15 +67,30 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         help="raw PCM in (and on stdout) instead of a container: needs --rate and --channels "
         "unless they are the model's (default: stdin is demuxed by PyAV, stdout is WAV)",
     )
-    st.add_argument("--rate", type=positive_int, default=None, help="raw PCM sample rate")
-    st.add_argument("--channels", type=positive_int, default=None, help="raw PCM channels")
+    st.add_argument(
+        "--rate",
+        type=positive_int,
+        default=None,
+        help="raw PCM sample rate (default: the model's, 44100)",
+    )
+    st.add_argument(
+        "--channels",
+        type=positive_int,
+        default=None,
+        help="raw PCM channels (default: the model's, 2)",
+    )
     st.add_argument(
         "--input-device",
         default=None,
-        help="record from this sound device (name or number; 'default'), needs the live extra",
+        help="record from this sound device (name or number; 'default'), needs the live extra "
+        "(default: none, read INPUT)",
     )
-    st.add_argument("--play", metavar="STEM", default=None, help="play this stem on speakers")
-    st.add_argument("--output-device", default=None, help="sound device for --play")
+    st.add_argument(
+        "--play", metavar="STEM", default=None, help="play this stem on speakers (default: none)"
+    )
+    st.add_argument(
+        "--output-device", default=None, help="sound device for --play (default: the system's)"
+    )
     add_run_options(st, fast_help="bfloat16 on the CPU, float16 on GPUs: faster")
     st.set_defaults(handler=run)
 
