@@ -410,4 +410,3 @@ class LiveEngine:
         stems = live.flush()
         if next(iter(stems.values())).shape[0]:
             yield stems
-
