@@ -394,6 +394,7 @@ def run_settings(
         "overlap": engine.overlap_frames / separator.config.T,
         "mask_extension": engine.mask_extension,
         "precision": str(engine.dtype).removeprefix("torch."),
+        **({"latency": engine.latency} if hasattr(engine, "latency") else {}),
     }
 
 

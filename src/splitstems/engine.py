@@ -201,6 +201,11 @@ class Engine:
         """The threads given, else the threads of an idle machine (see :meth:`thread_plan`)."""
         return self._threads or self._baseline
 
+    @property
+    def threads_given(self) -> int | None:
+        """The threads fixed by the caller (``threads=``, ``OMP_NUM_THREADS``), else None."""
+        return self._threads
+
     def thread_plan(self) -> ThreadPlan:
         """Choose the threads of the next separation (load since the previous choice)."""
         return plan_threads(

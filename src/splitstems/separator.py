@@ -24,6 +24,7 @@ from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
 from splitstems.engine import Engine, OrderedWorker
 from splitstems.errors import AudioError, ConfigError, OutputError
+from splitstems.live import DEFAULT_LATENCY, LiveEngine, LiveSeparator
 from splitstems.models.unet import SpleeterModel, uninitialised
 from splitstems.readahead import prefetch
 from splitstems.weights import load as read_weights
@@ -176,6 +177,8 @@ class Separator:
             :mod:`splitstems.device`). The stems depend on it at most by float32 rounding.
         download: whether missing released weights may be downloaded.
         progress: show a progress bar while downloading.
+        latency: separate files and waveforms through the live path (see :meth:`live`)
+            with at most this delay in seconds: the quality of a live stream, offline.
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class Separator:
         threads: int | None = None,
         download: bool = True,
         progress: bool = True,
+        latency: float | None = None,
     ) -> None:
         model, config, self.weights_path = _load_model(
             params_descriptor, model_dir=model_dir, download=download, progress=progress
@@ -220,6 +224,20 @@ class Separator:
             shifts=shifts,
             threads=threads,
         )
+        if latency is not None:  # files and waveforms go through the live path
+            self.engine = LiveEngine(self.engine, latency=latency)
+
+    def live(self, latency: float | None = None) -> LiveSeparator:
+        """Return a :class:`~splitstems.live.LiveSeparator` for a stream, ``latency`` s behind.
+
+        ``latency`` defaults to the separator's own (``latency=``), else 0.5 s; the
+        settings with the longest delay that fits are used (``live.latency`` tells it).
+        """
+        engine = self.engine
+        if isinstance(engine, LiveEngine):
+            latency = engine.latency if latency is None else latency
+            engine = engine.base
+        return LiveSeparator(engine, latency=DEFAULT_LATENCY if latency is None else latency)
 
     def fingerprint(self) -> str:
         """Return a short sha256 of the model's configuration and weights.

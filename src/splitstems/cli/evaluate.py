@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "shifts": args.shifts,
         "mask_extension": separator.engine.mask_extension,
         "precision": options["precision"],
+        **({"latency": args.latency} if args.latency is not None else {}),
     }
     output = Path(args.output_path)
     if args.resume:

@@ -19,6 +19,7 @@ from typing import NoReturn
 from splitstems import __version__
 from splitstems.cli import evaluate, models, separate, serve, train
 from splitstems.cli import export as export_command
+from splitstems.cli import stream as stream_command
 from splitstems.cli.options import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub, **common)
     export_command.add_parser(sub, **common)
     serve.add_parser(sub, **common)
+    stream_command.add_parser(sub, **common)
     return parser
 
 

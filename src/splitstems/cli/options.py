@@ -161,6 +161,14 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
         f"original's output; 0.5 removes seams and doubles the model's work, {MAX_OVERLAP:g} "
         "is 8x)",
     )
+    parser.add_argument(
+        "--latency",
+        type=positive_float,
+        default=None,
+        help="separate through the live path with at most this delay in seconds (what "
+        "'splitstems stream' computes; see docs/live.md); not with --mwf, --shifts, --overlap "
+        "(default: off, the offline engine)",
+    )
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, fast_help: str) -> None:
@@ -193,6 +201,7 @@ def separator_options(args: argparse.Namespace) -> dict[str, object]:
         "precision": "fast" if args.fast else "float32",
         "device": args.device,
         "threads": args.threads,
+        "latency": getattr(args, "latency", None),
     }
 
 

@@ -1,0 +1,144 @@
+"""Live separation: exact alignment and length, the delay bound, bounded state, quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitstems import audio
+from splitstems.config import load_config
+from splitstems.live import LIVE_SETTINGS, LiveEngine, LiveSeparator, LiveSettings, settings_for
+
+
+@pytest.fixture(scope="module")
+def music(shared_dir: Path) -> np.ndarray:
+    """Four seconds of a MUSDB18 preview's mixture (stereo, 44.1 kHz)."""
+    track = sorted((shared_dir / "audio" / "musdb7" / "test").glob("*.stem.mp4"))[0]
+    return audio.load(track, offset=1.0, duration=4.0, sample_rate=44100, n_channels=2)
+
+
+def _push_in_blocks(
+    live: LiveSeparator, data: np.ndarray, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """Push ``data`` in random block sizes; return the joined stems and (input, output) counts."""
+    parts: list[dict[str, np.ndarray]] = []
+    counts = []
+    pos = n_out = 0
+    while pos < len(data):
+        size = int(rng.integers(1, 5000))
+        out = live.push(data[pos : pos + size])
+        pos = min(pos + size, len(data))
+        n_out += len(out["vocals"])
+        counts.append((pos, n_out))
+        parts.append(out)
+    parts.append(live.flush())
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, counts
+
+
+def test_settings_for_half_a_second_is_the_issues_setting_within_the_budget() -> None:
+    config = load_config("spleeter:2stems")
+    chosen = settings_for(0.5, config)
+    assert chosen == LiveSettings(window=64, hop=8, lookahead=8)
+    assert chosen.delay(config) <= 0.5
+    # the longest delay that fits: nothing in the table between it and 0.5 s
+    assert not [s for s in LIVE_SETTINGS if chosen.delay(config) < s.delay(config) <= 0.5]
+    with pytest.raises(ValueError, match="below the shortest"):
+        settings_for(0.05, config)
+    with pytest.raises(ValueError, match="positive"):
+        settings_for(float("nan"), config)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        LiveSettings(window=100, hop=8, lookahead=8)
+
+
+def test_live_on_the_offline_grid_equals_the_offline_engine_sample_for_sample(
+    separator_2stems, rng: np.random.Generator
+) -> None:
+    # A window of T=512 frames, hop 512, no look-ahead is the original's segment grid: the
+    # live path (its framing, model windows, masks, iSTFT tails, flush) must then give
+    # exactly the offline output, whatever blocks the input comes in.
+    data = (rng.standard_normal((44100 * 13 + 321, 2)) * 0.1).astype(np.float32)
+    offline = separator_2stems.separate(data)
+    live = LiveSeparator(separator_2stems.engine, settings=LiveSettings(512, 512, 0))
+    stems, _ = _push_in_blocks(live, data, rng)
+    for name in offline:
+        assert stems[name].shape == data.shape
+        np.testing.assert_array_equal(stems[name], offline[name])
+
+
+def test_push_any_blocks_exact_length_same_output_and_within_the_delay(
+    separator_2stems, music: np.ndarray, rng: np.random.Generator
+) -> None:
+    live = separator_2stems.live(latency=0.5)
+    assert live.latency == pytest.approx(live.delay_samples / 44100) and live.latency <= 0.5
+    stems, counts = _push_in_blocks(live, music, rng)
+    # after every push, sample i is out once the input reaches i + delay_samples
+    for n_in, n_out in counts:
+        assert n_in - live.delay_samples < n_out <= n_in
+    # and the bound is tight (blocks are at most 5000 samples)
+    assert max(n_in - n_out for n_in, n_out in counts) > live.delay_samples - 5000
+    one_push = live.push(music)  # flush reset the state: a new stream, pushed at once
+    rest = live.flush()
+    for name, samples in stems.items():
+        assert samples.shape == music.shape and samples.dtype == np.float32
+        np.testing.assert_array_equal(np.concatenate([one_push[name], rest[name]]), samples)
+
+
+def test_live_stems_are_close_to_the_offline_stems_and_aligned(
+    separator_2stems, music: np.ndarray
+) -> None:
+    offline = separator_2stems.separate(music)
+    live = separator_2stems.live(0.5)
+    first = live.push(music)
+    stems = {k: np.concatenate([first[k], v]) for k, v in live.flush().items()}
+
+    def snr(estimate: np.ndarray, reference: np.ndarray) -> float:
+        error = np.sum((estimate - reference) ** 2)
+        return float(10 * np.log10(np.sum(reference**2) / error))
+
+    for name in stems:
+        assert snr(stems[name], offline[name]) > 10.0  # the same separation, near enough
+        # and aligned: one sample of shift is far worse than none
+        shifted = np.concatenate([np.zeros((1, 2), np.float32), stems[name][:-1]])
+        assert snr(shifted, offline[name]) < snr(stems[name], offline[name]) - 3.0
+
+
+def test_state_stays_bounded_on_a_long_stream(separator_2stems) -> None:
+    live = LiveSeparator(separator_2stems.engine, settings=LiveSettings(64, 8, 8))
+    block = np.zeros((4410, 2), np.float32)  # 0.1 s blocks, 60 s in all
+    for _ in range(600):
+        live.push(block)
+        assert live._mag.shape[1] <= 64 + 8 + 8  # one window and a hop, look-ahead
+        assert live._spec.shape[1] <= 8 + 8 + 8  # the frames not decided yet
+        assert live._samples.shape[1] < 4096 + 1024
+    assert live.n_input == 600 * 4410
+
+
+def test_separator_latency_runs_the_live_path_for_waveforms(
+    separator_2stems, music: np.ndarray
+) -> None:
+    engine = LiveEngine(separator_2stems.engine, latency=0.5)
+    whole = engine.separate(music)
+    live = separator_2stems.live(0.5)
+    first = live.push(music)
+    rest = live.flush()
+    for name, samples in whole.items():
+        np.testing.assert_allclose(
+            samples, np.concatenate([first[name], rest[name]]), rtol=0, atol=1e-5
+        )
+
+
+def test_live_input_is_checked_and_mono_is_duplicated(separator_2stems, music: np.ndarray) -> None:
+    live = separator_2stems.live(0.5)
+    with pytest.raises(ValueError, match="float samples"):
+        live.push(np.zeros((10, 2), np.int16))
+    with pytest.raises(ValueError, match="shape"):
+        live.push(np.zeros((2, 3, 4), np.float32))
+    mono = music[:50000, 0]
+    out, rest = live.push(mono), live.flush()
+    stereo_out, stereo_rest = live.push(np.stack([mono, mono], axis=1)), live.flush()
+    for name in out:
+        vocals = np.concatenate([out[name], rest[name]])
+        assert vocals.shape == (50000, 2)
+        np.testing.assert_array_equal(vocals, np.concatenate([stereo_out[name], stereo_rest[name]]))
