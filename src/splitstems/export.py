@@ -294,6 +294,35 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def exact_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(x)`` with full relative accuracy in both tails, from Exp and Div.
+
+    onnxruntime's Sigmoid kernel is accurate to ~1e-7 in absolute terms only: below
+    ``x = -10`` its relative error passes 50 %, and below about -18 it returns exactly 0
+    (measured in docs/export.md). Spleeter's ratio masks divide one instrument's sigmoid
+    by the others', so where every U-Net is sure (pure tones: logits of -16 to -21 at a
+    loud bin) that error became a mask of 0.95 instead of 0.66. ``exp(-|x|)`` is exact to
+    float rounding in onnxruntime; so is this, on both sides.
+    """
+    small = torch.exp(-x.abs())
+    return torch.where(x >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
+
+
+class _ExportedGraph(nn.Module):
+    """What ``model.onnx`` computes: :class:`SpleeterModel`'s forward, sigmoid made exact."""
+
+    def __init__(self, model: SpleeterModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F)."""
+        model = self.model
+        logits = torch.stack([unet(magnitude) for unet in model.unets.values()], dim=1)
+        masks = torch.softmax(logits, dim=1) if model.softmax else exact_sigmoid(logits)
+        return masks * magnitude.unsqueeze(1)
+
+
 def _write_graph(model: SpleeterModel, config: ModelConfig, path: Path, precision: str) -> None:
     """Export ``model`` to ``path`` (one file, weights inside) at ``precision``.
 
@@ -302,7 +331,7 @@ def _write_graph(model: SpleeterModel, config: ModelConfig, path: Path, precisio
     """
     _import("onnxscript")
     onnx = _import("onnx")
-    network = copy.deepcopy(model).eval().float().cpu()
+    network = _ExportedGraph(copy.deepcopy(model).eval().float().cpu())
     example = torch.rand(1, config.n_channels, config.T, config.F)
     batch = torch.export.Dim("batch", min=1, max=4096)
     blocks = torch.export.Dim("blocks", min=1, max=65536)
