@@ -194,8 +194,7 @@ def _onnx_entry(config: ModelConfig) -> dict[str, Any]:
     entry = config.train.get("onnx")
     if entry is None and (Path(config.name).parent / ONNX_FILE).is_file():
         raise ConfigError(
-            f"{config.name}: no 'onnx' entry, but {ONNX_FILE} is beside it: "
-            "export the model again"
+            f"{config.name}: no 'onnx' entry, but {ONNX_FILE} is beside it: export the model again"
         )
     if not isinstance(entry, dict):
         raise ConfigError(f"{config.name}: not an exported model (no 'onnx' entry)")
