@@ -23,9 +23,9 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         "--precision",
         default="float32",
         choices=("float32", "float16"),
-        help="weights' precision: float32 (exact) or float16 (half the size; 59-77 dB SDR "
-        "from float32 on music, ~45 dB on the synthetic check signal; slower on most CPUs; "
-        "see docs/export.md)",
+        help="weights' precision: float32 (exact) or float16 (half the size; ~60-75 dB SDR "
+        "from float32 on music and tones, ~45 dB on the synthetic check signal; slower on "
+        "most CPUs; see docs/export.md)",
     )
     exp.add_argument(
         "--check-audio",
