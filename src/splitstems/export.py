@@ -348,22 +348,17 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def exact_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(x)`` with full relative accuracy in both tails, from Exp and Div.
+class _ExportedGraph(nn.Module):
+    """What ``model.onnx`` computes: :class:`SpleeterModel`'s forward, sigmoid made exact.
 
     onnxruntime's Sigmoid kernel is accurate to ~1e-7 in absolute terms only: below
     ``x = -10`` its relative error passes 50 %, and below about -18 it returns exactly 0
-    (measured in docs/export.md). Spleeter's ratio masks divide one instrument's sigmoid
-    by the others', so where every U-Net is sure (pure tones: logits of -16 to -21 at a
-    loud bin) that error became a mask of 0.95 instead of 0.66. ``exp(-|x|)`` is exact to
-    float rounding in onnxruntime; so is this, on both sides.
+    (docs/export.md). Spleeter's ratio masks divide one instrument's sigmoid by the
+    others', so where every U-Net is sure (pure tones: logits of -16 to -28 at loud bins)
+    that error made masks of 0.95/0.05 where torch has 0.66/0.34. The graph computes
+    ``magnitude / (1 + exp(-x))`` instead, as torch computes the sigmoid: onnxruntime's
+    Exp is exact to float rounding, and a large ``exp(-x)`` only makes the quotient small.
     """
-    small = torch.exp(-x.abs())
-    return torch.where(x >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
-
-
-class _ExportedGraph(nn.Module):
-    """What ``model.onnx`` computes: :class:`SpleeterModel`'s forward, sigmoid made exact."""
 
     def __init__(self, model: SpleeterModel) -> None:
         super().__init__()
@@ -373,8 +368,9 @@ class _ExportedGraph(nn.Module):
         """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F)."""
         model = self.model
         logits = torch.stack([unet(magnitude) for unet in model.unets.values()], dim=1)
-        masks = torch.softmax(logits, dim=1) if model.softmax else exact_sigmoid(logits)
-        return masks * magnitude.unsqueeze(1)
+        if model.softmax:
+            return torch.softmax(logits, dim=1) * magnitude.unsqueeze(1)
+        return magnitude.unsqueeze(1) / (1.0 + torch.exp(-logits))
 
 
 def _write_graph(model: SpleeterModel, config: ModelConfig, path: Path, precision: str) -> None:
