@@ -1,7 +1,7 @@
 """Separate a WAV file with an exported ONNX model: numpy, onnxruntime and soundfile only.
 
     splitstems export -p spleeter:2stems --format onnx -o 2stems-onnx
-    python examples/onnx_separate.py 2stems-onnx song.wav out/
+    python examples/onnx_separate.py 2stems-onnx song.wav out/   # or 2stems-onnx/config.json
     # -> out/song/vocals.wav, out/song/accompaniment.wav
 
 This is the reference for porting to other runtimes (C++, onnxruntime-web, mobile): it
@@ -23,6 +23,7 @@ released models): resample it first otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -62,14 +63,44 @@ def istft(spec: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
     return out.reshape(*lead, (n_frames + ratio - 1) * hop)
 
 
-def separate(folder: Path, waveform: np.ndarray) -> dict[str, np.ndarray]:
-    """Separate ``(samples, channels)`` float32 audio with the export in ``folder``."""
-    config = json.loads((folder / "config.json").read_text())
-    onnx = config["onnx"]
+class Refused(Exception):
+    """A one-line reason the script cannot go on (bad export, bad audio, unwritable output)."""
+
+
+def load_export(path: Path) -> tuple[dict, ort.InferenceSession]:
+    """Read an export (its folder or its config.json): the ``"onnx"`` entry and a session.
+
+    Checks what a port should check too: the model file is the one exported (sha256),
+    onnxruntime can load it, and its input and output fit the config.
+    """
+    config_path = path / "config.json" if path.is_dir() else path
+    try:
+        onnx = json.loads(config_path.read_text())["onnx"]
+        model = config_path.parent / onnx["file"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Refused(f"{path}: not a folder written by splitstems export ({exc!r})") from None
+    try:
+        data = model.read_bytes()
+    except OSError as exc:
+        raise Refused(f"{model}: cannot read the model ({exc.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != onnx.get("sha256"):
+        raise Refused(f"{model}: its sha256 differs from the one in {config_path.name}")
+    try:
+        session = ort.InferenceSession(data)
+    except Exception as exc:  # onnxruntime's own error types
+        raise Refused(f"{model}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+    _, channels, _, bins = session.get_inputs()[0].shape
+    n_instruments = session.get_outputs()[0].shape[1]
+    if (n_instruments, channels, bins) != (len(onnx["instruments"]), onnx["n_channels"], onnx["F"]):
+        raise Refused(f"{config_path}: does not fit {model.name}: export the model again")
+    return onnx, session
+
+
+def separate(onnx: dict, session: ort.InferenceSession, waveform: np.ndarray) -> dict:
+    """Separate ``(samples, channels)`` float32 audio: instrument → ``(samples, channels)``."""
     n_fft, hop = onnx["stft"]["frame_length"], onnx["stft"]["frame_step"]
     T, F = onnx["T"], onnx["F"]  # noqa: N806 - the config's names
     instruments = onnx["instruments"]
-    session = ort.InferenceSession(str(folder / onnx["file"]))
 
     n_samples = waveform.shape[0]
     spec = stft(waveform.T, n_fft, hop)  # (C, frames, bins)
@@ -103,6 +134,43 @@ def separate(folder: Path, waveform: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(stems[i].T) for i, name in enumerate(instruments)}
 
 
+def read_wav(source: Path, onnx: dict) -> tuple[np.ndarray, int]:
+    """Read ``source`` as ``(samples, channels)`` float32 at the model's rate and channels."""
+    try:
+        waveform, rate = sf.read(source, dtype="float32", always_2d=True)
+        with open(source, "rb") as file:
+            head = file.read(8)
+    except (OSError, sf.LibsndfileError) as exc:
+        raise Refused(f"{source}: cannot read it as audio ({exc})") from None
+    declared = int.from_bytes(head[4:8], "little") + 8  # a RIFF header gives the file's size
+    if head[:4] == b"RIFF" and declared < 0xFFFFFFFF and declared > source.stat().st_size:
+        raise Refused(f"{source}: truncated: {source.stat().st_size} of {declared} bytes")
+    if waveform.shape[0] == 0:
+        raise Refused(f"{source}: no samples")
+    if rate != onnx["sample_rate"]:
+        raise Refused(f"{source}: {rate} Hz, the model needs {onnx['sample_rate']} Hz")
+    channels = onnx["n_channels"]
+    if waveform.shape[1] == 1:
+        waveform = np.repeat(waveform, channels, axis=1)  # mono: the same on every channel
+    return np.ascontiguousarray(waveform[:, :channels]), rate
+
+
+def write_stems(stems: dict, out: Path, rate: int) -> None:
+    """Write each stem as ``out/<instrument>.wav``, 16-bit as ``separate`` (temp file, rename)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, stem in stems.items():
+            pcm = np.clip(np.rint(stem * np.float32(32768)), -32768, 32767).astype(np.int16)
+            part = out / f".{name}.wav.part"
+            sf.write(part, pcm, rate, subtype="PCM_16", format="WAV")
+            part.replace(out / f"{name}.wav")
+            print(out / f"{name}.wav")
+    except (OSError, sf.LibsndfileError) as exc:
+        raise Refused(
+            f"{out}: cannot write the stems ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+
+
 def main(argv: list[str]) -> int:
     """``onnx_separate.py EXPORT_DIR INPUT.wav OUTPUT_DIR``."""
     if len(argv) != 3:
@@ -113,33 +181,13 @@ def main(argv: list[str]) -> int:
         return 2
     folder, source, destination = Path(argv[0]), Path(argv[1]), Path(argv[2])
     try:
-        config = json.loads((folder / "config.json").read_text())["onnx"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(
-            f"error: {folder}: not a folder written by splitstems export ({exc!r})", file=sys.stderr
-        )
+        onnx, session = load_export(folder)
+        waveform, rate = read_wav(source, onnx)
+        stems = separate(onnx, session, waveform)
+        write_stems(stems, destination / source.stem, rate)
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    try:
-        waveform, rate = sf.read(source, dtype="float32", always_2d=True)
-    except (OSError, sf.LibsndfileError) as exc:
-        print(f"error: {source}: cannot read it as audio ({exc})", file=sys.stderr)
-        return 1
-    if rate != config["sample_rate"]:
-        print(
-            f"error: {source}: {rate} Hz, the model needs {config['sample_rate']} Hz",
-            file=sys.stderr,
-        )
-        return 1
-    channels = config["n_channels"]
-    if waveform.shape[1] == 1:
-        waveform = np.repeat(waveform, channels, axis=1)  # mono: the same on every channel
-    waveform = np.ascontiguousarray(waveform[:, :channels])
-    out = destination / source.stem
-    out.mkdir(parents=True, exist_ok=True)
-    for name, stem in separate(folder, waveform).items():
-        pcm = np.clip(np.rint(stem * np.float32(32768)), -32768, 32767).astype(np.int16)
-        sf.write(out / f"{name}.wav", pcm, rate, subtype="PCM_16")  # 16-bit, as separate
-        print(out / f"{name}.wav")
     return 0
 
 

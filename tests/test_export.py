@@ -7,8 +7,10 @@ write them (seeded values, scaled so that the U-Nets' activations stay in range)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import soundfile as sf
 from fidelity import MIN_SDR_DB, sdr
 
 from splitstems import audio
@@ -64,8 +67,8 @@ def export_2stems(tmp_path_factory, model_env, music):
 def test_2stems_export_matches_torch_on_real_music(export_2stems):
     folder, result = export_2stems
     assert result.onnx_path == folder / "model.onnx" and result.config_path.is_file()
-    # both stems through the engine (dynamic batch: 2 segments a call) and T=64, batch 3
-    assert set(result.sdr_db) == {"vocals", "accompaniment", "(T=64, batch 3)"}
+    # both stems through the engine (dynamic batch: 2 segments a call), a tone, T=64 batch 3
+    assert set(result.sdr_db) == {"vocals", "accompaniment", "(440 Hz tone)", "(T=64, batch 3)"}
     assert min(result.sdr_db.values()) >= MIN_SDR_DB, result.sdr_db
     assert [p.name for p in sorted(folder.iterdir())] == ["config.json", "model.onnx"]
 
@@ -193,7 +196,8 @@ def test_cli_float16_export_is_half_the_size_and_close(
     assert main(["export", "-p", "spleeter:2stems", *args, "-o", str(out)]) == 0
     captured = capsys.readouterr()
     assert "checking with onnxruntime against torch (12.0 s of audio)" in captured.err
-    assert f"wrote {out / 'model.onnx'}" in captured.out and "dB SDR at worst" in captured.out
+    assert f"wrote {out / 'model.onnx'}" in captured.out
+    assert f"dB SDR at worst on {music} (12.0 s) and a 440 Hz tone" in captured.out
     assert 0.45 < (out / "model.onnx").stat().st_size / result.size < 0.55
     assert json.loads((out / "config.json").read_text())["onnx"]["precision"] == "float16"
     waveform = audio.load(music, duration=6.0)
@@ -290,7 +294,7 @@ def test_synthetic_4_and_5_stems_export_matches_torch(shared_dir, tmp_path, musi
     model, config = load_model(weights.parent / "config.json")
     waveform = audio.load(music, duration=12.0)
     result = export_model(model, config, tmp_path / "onnx", waveform=waveform)
-    assert set(result.sdr_db) == {*config.instruments, "(T=64, batch 3)"}
+    assert set(result.sdr_db) == {*config.instruments, "(440 Hz tone)", "(T=64, batch 3)"}
     assert min(result.sdr_db.values()) >= MIN_SDR_DB, result.sdr_db
     separator = Separator(str(tmp_path / "onnx" / "config.json"), device="cpu")
     stems = separator.separate(waveform[: 5 * 44100])
@@ -317,22 +321,53 @@ def test_export_to_a_file_path_is_one_line_and_writes_nothing(tmp_path, capsys):
     taken.write_text("not a folder")
     assert main(["export", "-p", "spleeter:2stems", "-o", str(taken)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {taken}: cannot create the output folder")
+    assert err == [f"error: {taken}: output path exists and is not a folder"]
     assert taken.read_text() == "not a folder"
 
 
-def test_example_script_bad_input_is_one_line(export_2stems, tmp_path):
+def test_example_script_bad_input_is_one_line(export_2stems, bad_exports, song, tmp_path):
     folder, _ = export_2stems
     slow = tmp_path / "slow.wav"
     audio.save(slow, np.zeros((22050, 2), np.float32), sample_rate=22050)
+    cut = tmp_path / "cut.wav"  # the first 20 kB of a 1.2 MB WAV: its header says more
+    cut.write_bytes(song.read_bytes()[:20_000])
+    blank = tmp_path / "blank.wav"
+    audio.save(blank, np.zeros((22050, 2), np.float32), sample_rate=44100)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros((0, 2), np.float32), 44100, subtype="PCM_16")  # a header only
+    missing = _edited_copy(folder, tmp_path / "missing")
+    (missing / "model.onnx").unlink()
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    out = str(tmp_path / "out")
+    truncated = bad_exports["truncated"] / "model.onnx"
     cases = [
-        ([str(folder), str(slow)], f"error: {slow}: 22050 Hz, the model needs 44100 Hz"),
-        ([str(tmp_path), str(slow)], f"error: {tmp_path}: not a folder written by splitstems"),
-        ([str(folder), str(tmp_path / "none.wav")], f"error: {tmp_path / 'none.wav'}: cannot read"),
+        ([str(folder), str(slow), out], f"error: {slow}: 22050 Hz, the model needs 44100 Hz"),
+        ([str(tmp_path), str(slow), out], f"error: {tmp_path}: not a folder written by splitstems"),
+        (
+            [str(folder), str(tmp_path / "none.wav"), out],
+            f"error: {tmp_path / 'none.wav'}: cannot read",
+        ),
+        ([str(folder), str(cut), out], f"error: {cut}: truncated: 20000 of "),
+        ([str(folder), str(empty), out], f"error: {empty}: no samples"),
+        ([str(truncated.parent), str(song), out], f"error: {truncated}: onnxruntime cannot load"),
+        ([str(missing), str(song), out], f"error: {missing / 'model.onnx'}: cannot read the model"),
+        (
+            [str(bad_exports["instruments"]), str(song), out],
+            f"error: {bad_exports['instruments'] / 'config.json'}: does not fit model.onnx",
+        ),
+        (
+            [str(bad_exports["F"] / "config.json"), str(song), out],
+            f"error: {bad_exports['F'] / 'config.json'}: does not fit model.onnx",
+        ),
+        (
+            [str(folder), str(blank), str(taken)],
+            f"error: {taken / 'blank'}: cannot write the stems",
+        ),
     ]
     for args, expected in cases:
         result = subprocess.run(
-            [sys.executable, str(EXAMPLE), *args, str(tmp_path / "out")],
+            [sys.executable, str(EXAMPLE), *args],
             capture_output=True,
             text=True,
             timeout=120,
@@ -341,3 +376,99 @@ def test_example_script_bad_input_is_one_line(export_2stems, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(expected), lines
     assert not (tmp_path / "out").exists()
+
+
+def _tone_wav(path: Path, seconds: float = 2.0) -> np.ndarray:
+    """Write a 440 Hz stereo sine (float WAV, 44.1 kHz) to ``path``; return its samples."""
+    t = np.arange(int(seconds * 44100)) / 44100
+    wave = np.repeat((0.5 * np.sin(2 * np.pi * 440 * t))[:, None], 2, axis=1).astype(np.float32)
+    audio.save(path, wave, sample_rate=44100, bit_depth="32f")
+    return audio.load(path)
+
+
+def test_pure_tone_separates_as_torch_does_in_engine_and_example(
+    export_2stems, separator_2stems, tmp_path
+):
+    # onnxruntime's Sigmoid returned 0 below -18 (masks 0.95/0.05 for torch's 0.66/0.34 at
+    # loud tone bins): 37-44 dB before the export computed the sigmoid from Exp.
+    folder, _ = export_2stems
+    tone = tmp_path / "tone.wav"
+    waveform = _tone_wav(tone)
+    reference = separator_2stems.separate(waveform)
+    ours = Separator(str(folder / "config.json"), device="cpu").separate(waveform)
+    for stem in ("vocals", "accompaniment"):
+        assert sdr(reference[stem], ours[stem]) >= MIN_SDR_DB, stem
+    result = subprocess.run(  # the torch-free example, given the config.json path this time
+        [sys.executable, str(EXAMPLE), str(folder / "config.json"), str(tone), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for stem in ("vocals", "accompaniment"):
+        example = audio.load(tmp_path / "tone" / f"{stem}.wav")
+        assert sdr(reference[stem], example) >= MIN_SDR_DB, stem
+
+
+def _edited_copy(folder: Path, dest: Path, *, onnx_bytes: bytes | None = None, **changes) -> Path:
+    """A copy of an export with config keys changed (None: removed; ``onnx_KEY``: in the
+    "onnx" entry) or another model.onnx (its sha256 recorded)."""
+    dest.mkdir()
+    data = json.loads((folder / "config.json").read_text())
+    if onnx_bytes is None:
+        shutil.copyfile(folder / "model.onnx", dest / "model.onnx")
+    else:
+        (dest / "model.onnx").write_bytes(onnx_bytes)
+        data["onnx"]["sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key)
+        elif key.startswith("onnx_"):
+            data["onnx"][key.removeprefix("onnx_")] = value
+        else:
+            data[key] = value
+    (dest / "config.json").write_text(json.dumps(data))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def bad_exports(export_2stems, tmp_path_factory) -> dict[str, Path]:
+    """Hand-edited or damaged copies of the 2stems export, by what is wrong with them."""
+    folder, _ = export_2stems
+    root = tmp_path_factory.mktemp("bad-exports")
+    four = ["vocals", "drums", "bass", "other"]
+    head = (folder / "model.onnx").read_bytes()[:100_000]
+    return {
+        "instruments": _edited_copy(
+            folder, root / "instr", instrument_list=four, onnx_instruments=four
+        ),
+        "F": _edited_copy(folder, root / "F", F=512, onnx_F=512),
+        "truncated": _edited_copy(folder, root / "trunc", onnx_bytes=head),
+        "no-entry": _edited_copy(folder, root / "no-entry", onnx=None),
+    }
+
+
+def test_config_that_does_not_fit_the_graph_is_refused_at_load(
+    export_2stems, bad_exports, song, tmp_path, capsys
+):
+    folder, _ = export_2stems
+    expected = {
+        "instruments": "lists 4 instruments but model.onnx outputs 2; export the model again",
+        "F": "lists 512 frequency bins (F) but model.onnx takes 1024; export the model again",
+        "no-entry": "no 'onnx' entry, but model.onnx is beside it: export the model again",
+    }
+    for case, message in expected.items():
+        config = bad_exports[case] / "config.json"
+        code = main(["separate", "-p", str(config), "-o", str(tmp_path / case), str(song)])
+        assert code == 2, case
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {config}: {message}"]
+        assert not (tmp_path / case).exists(), case
+    truncated = bad_exports["truncated"] / "model.onnx"
+    code = main(["separate", "-p", str(truncated.parent), "-o", str(tmp_path), str(song)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {truncated}: not a readable ONNX model")
+    assert main(["separate", "-p", str(folder / "model.onnx"), "-o", str(tmp_path), str(song)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {folder / 'model.onnx'}: that is the ONNX graph; pass its folder or config.json"
+    )

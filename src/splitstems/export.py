@@ -55,6 +55,7 @@ __all__ = [
     "OUTPUT_NAME",
     "MIN_SDR_DB",
     "MIN_SDR_DB_FLOAT16",
+    "TONE_CHECK",
     "ExportResult",
     "OnnxModel",
     "export_model",
@@ -82,6 +83,8 @@ MIN_SDR_DB = 50.0
 #: Agreement of the float16 export with torch float32 (float16 weights and activations:
 #: ~11 bits of mantissa; measured 55-65 dB, see docs/export.md).
 MIN_SDR_DB_FLOAT16 = 40.0
+#: The key of :func:`check_export`'s score on a pure tone (the worst stem's SDR).
+TONE_CHECK = "(440 Hz tone)"
 #: Seconds of audio the export check separates (two segments of 512 frames at 44.1 kHz).
 CHECK_SECONDS = 20.0
 _INSTALL_HINT = "pip install 'splitstems[export]'"
@@ -189,9 +192,57 @@ class OnnxModel(nn.Module):
 
 def _onnx_entry(config: ModelConfig) -> dict[str, Any]:
     entry = config.train.get("onnx")
+    if entry is None and (Path(config.name).parent / ONNX_FILE).is_file():
+        raise ConfigError(
+            f"{config.name}: no 'onnx' entry, but {ONNX_FILE} is beside it: export the model again"
+        )
     if not isinstance(entry, dict):
         raise ConfigError(f"{config.name}: not an exported model (no 'onnx' entry)")
     return entry
+
+
+def _dims(value: Any) -> list[int | str]:  # noqa: ANN401 - an onnx ValueInfoProto
+    """Return the dimensions of a graph input or output: sizes, or names of dynamic ones."""
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _check_graph(path: Path, config: ModelConfig, entry: dict[str, Any]) -> None:
+    """Check that ``path`` is an ONNX graph whose input and output fit ``config``.
+
+    Raises:
+        ModelError: the file is not a readable ONNX model.
+        ConfigError: the config's instruments, channels, ``F`` or ``T`` do not fit it.
+    """
+    onnx = _import("onnx")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's and onnx's own error types
+        cause = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"{path}: not a readable ONNX model ({cause}); export the model again"
+        ) from None
+    inputs = {v.name: _dims(v) for v in graph.input}
+    outputs = {v.name: _dims(v) for v in graph.output}
+    source, target = inputs.get(INPUT_NAME), outputs.get(OUTPUT_NAME)
+    if source is None or target is None or len(source) != 4 or len(target) != 5:
+        raise ModelError(
+            f"{path}: not a graph written by splitstems export (no {INPUT_NAME!r} input of "
+            f"4 dimensions and {OUTPUT_NAME!r} output of 5); export the model again"
+        )
+    problems = []
+    if entry.get("instruments", list(config.instruments)) != list(config.instruments):
+        problems.append("'onnx.instruments' differs from 'instrument_list'")
+    for what, ours, verb, theirs in (
+        ("instruments", len(config.instruments), "outputs", target[1]),
+        ("channels", config.n_channels, "takes", source[1]),
+        ("frequency bins (F)", config.F, "takes", source[3]),
+    ):
+        if isinstance(theirs, int) and theirs != ours:
+            problems.append(f"lists {ours} {what} but {path.name} {verb} {theirs}")
+    if config.T % SEGMENT_MULTIPLE:
+        problems.append(f"T {config.T} is not a multiple of {SEGMENT_MULTIPLE}")
+    if problems:
+        raise ConfigError(f"{config.name}: {'; '.join(problems)}; export the model again")
 
 
 def load_exported(config: ModelConfig, *, verify: bool = True) -> OnnxModel:
@@ -203,9 +254,11 @@ def load_exported(config: ModelConfig, *, verify: bool = True) -> OnnxModel:
         verify: check the file's sha256 against the one the config records.
 
     Raises:
-        ConfigError: the config has no usable ``"onnx"`` entry.
+        ConfigError: the config has no usable ``"onnx"`` entry (or none, with a
+            ``model.onnx`` beside it), or its instruments, channels, ``F`` or ``T`` do not
+            fit the graph.
         ModelError: the model file is missing, differs from the one exported (sha256),
-            or onnxruntime is not installed.
+            is not a readable ONNX graph, or onnxruntime is not installed.
     """
     entry = _onnx_entry(config)
     name = entry.get("file")
@@ -223,6 +276,7 @@ def load_exported(config: ModelConfig, *, verify: bool = True) -> OnnxModel:
             f"{path}: its sha256 differs from the one in {CONFIG_FILE} (damaged or "
             "replaced); export the model again"
         )
+    _check_graph(path, config, entry)
     return OnnxModel(path, config, precision=precision)
 
 
@@ -294,6 +348,31 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+class _ExportedGraph(nn.Module):
+    """What ``model.onnx`` computes: :class:`SpleeterModel`'s forward, sigmoid made exact.
+
+    onnxruntime's Sigmoid kernel is accurate to ~1e-7 in absolute terms only: below
+    ``x = -10`` its relative error passes 50 %, and below about -18 it returns exactly 0
+    (docs/export.md). Spleeter's ratio masks divide one instrument's sigmoid by the
+    others', so where every U-Net is sure (pure tones: logits of -16 to -28 at loud bins)
+    that error made masks of 0.95/0.05 where torch has 0.66/0.34. The graph computes
+    ``magnitude / (1 + exp(-x))`` instead, as torch computes the sigmoid: onnxruntime's
+    Exp is exact to float rounding, and a large ``exp(-x)`` only makes the quotient small.
+    """
+
+    def __init__(self, model: SpleeterModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F)."""
+        model = self.model
+        logits = torch.stack([unet(magnitude) for unet in model.unets.values()], dim=1)
+        if model.softmax:
+            return torch.softmax(logits, dim=1) * magnitude.unsqueeze(1)
+        return magnitude.unsqueeze(1) / (1.0 + torch.exp(-logits))
+
+
 def _write_graph(model: SpleeterModel, config: ModelConfig, path: Path, precision: str) -> None:
     """Export ``model`` to ``path`` (one file, weights inside) at ``precision``.
 
@@ -302,7 +381,7 @@ def _write_graph(model: SpleeterModel, config: ModelConfig, path: Path, precisio
     """
     _import("onnxscript")
     onnx = _import("onnx")
-    network = copy.deepcopy(model).eval().float().cpu()
+    network = _ExportedGraph(copy.deepcopy(model).eval().float().cpu())
     example = torch.rand(1, config.n_channels, config.T, config.F)
     batch = torch.export.Dim("batch", min=1, max=4096)
     blocks = torch.export.Dim("blocks", min=1, max=65536)
@@ -367,6 +446,13 @@ def _sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(10 * np.log10(float(np.sum(reference**2)) / max(error, 1e-300)))
 
 
+def _tone(config: ModelConfig, *, seconds: float = 2.0, hz: float = 440.0) -> np.ndarray:
+    """``seconds`` of a sine at ``hz`` (amplitude 0.5, every channel): tonal input."""
+    t = np.arange(int(seconds * config.sample_rate)) / config.sample_rate
+    wave = 0.5 * np.sin(2 * np.pi * hz * t)
+    return np.repeat(wave[:, None], config.n_channels, axis=1).astype(np.float32)
+
+
 def _short_segments(waveform: np.ndarray, config: ModelConfig, *, n_segments: int) -> torch.Tensor:
     """Magnitudes of the waveform's first frames as ``n_segments`` segments of 64 frames."""
     n_frames = n_segments * SEGMENT_MULTIPLE
@@ -392,17 +478,22 @@ def check_export(
     """Separate ``waveform`` with torch and with onnxruntime; return instrument → SDR (dB).
 
     Both run through the :class:`~splitstems.engine.Engine` on the CPU (the ONNX one two
-    segments per call, so the dynamic batch is exercised); one more direct call with
+    segments per call, so the dynamic batch is exercised); 2 s of a 440 Hz sine check
+    tonal input (``"(440 Hz tone)"``, the worst stem), and one more direct call with
     ``T = 64`` frames checks the dynamic time axis.
 
     Raises:
         ModelError: the ONNX output has the wrong shape.
     """
-    reference = Engine(model, config, device="cpu", threads=threads).separate(waveform)
+    torch_engine = Engine(model, config, device="cpu", threads=threads)
     engine = Engine(onnx_model, config, device="cpu", batch_segments=2, threads=threads)
     onnx_model.configure(threads=engine.threads)
-    ours = engine.separate(waveform)
+    reference, ours = torch_engine.separate(waveform), engine.separate(waveform)
     scores = {name: _sdr(reference[name], ours[name]) for name in config.instruments}
+    # A pure tone: every U-Net sure at its loud bins, the masks a ratio of tiny sigmoids.
+    tone = _tone(config)
+    reference, ours = torch_engine.separate(tone), engine.separate(tone)
+    scores[TONE_CHECK] = min(_sdr(reference[k], ours[k]) for k in config.instruments)
     short = _short_segments(waveform, config, n_segments=3)
     with torch.inference_mode():
         expected = model.eval()(short)
@@ -453,6 +544,8 @@ def export_model(
     step = on_step or (lambda line: log.info("%s", line))
     folder = Path(output)
     created = not folder.exists()
+    if not created and not folder.is_dir():
+        raise OutputError(f"{folder}: output path exists and is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

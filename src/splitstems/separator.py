@@ -71,8 +71,12 @@ def _load_model(
         ModelError: no weights, or weights that cannot be read (a damaged or foreign
             ``model.safetensors``) or do not fit the model; the message names the file.
     """
+    if not isinstance(descriptor, ModelConfig) and str(descriptor).lower().endswith(".onnx"):
+        raise ConfigError(f"{descriptor}: that is the ONNX graph; pass its folder or config.json")
     config = descriptor if isinstance(descriptor, ModelConfig) else load_config(descriptor)
-    if "onnx" in config.train:  # a folder written by ``splitstems export``: onnxruntime runs it
+    source = Path(config.name)  # the JSON file's path when the config came from one
+    beside = source.is_file() and (source.parent / "model.onnx").is_file()
+    if "onnx" in config.train or beside:  # written by ``splitstems export``: onnxruntime runs it
         from splitstems.export import load_exported
 
         onnx_model = load_exported(config)
