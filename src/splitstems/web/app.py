@@ -48,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 
 from splitstems import audio, hub
 from splitstems.config import RELEASED_MODELS
-from splitstems.errors import AudioError, SplitstemsError
+from splitstems.errors import AudioError, ModelError, SplitstemsError
 from splitstems.web.jobs import FINAL_STATES, Job, JobManager, JobOptions, QueueFull
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "Settings", "create_app", "format_size", "is_loopback"]
@@ -232,6 +232,8 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     def warm_up() -> None:  # load the default model now, not when the first song comes
         try:
             manager.separator(JobOptions(model=settings.default_model))
+        except ModelError:
+            pass  # logged by separator(), with the operator's hint
         except SplitstemsError as exc:
             log.warning("%s", exc)
 
@@ -253,8 +255,14 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             {
                 "max_upload": settings.max_upload,
                 "max_upload_text": format_size(settings.max_upload),
-                "models": [{"name": m.name, "local": m.available} for m in models]
-                + [{"name": name, "local": True} for name in sorted(known - set(released))],
+                "models": [
+                    {"name": m.name, "local": m.available, "failed": m.name in manager.unavailable}
+                    for m in models
+                ]
+                + [
+                    {"name": name, "local": True, "failed": name in manager.unavailable}
+                    for name in sorted(known - set(released))
+                ],
                 "default_model": settings.default_model,
                 "codecs": list(DOWNLOAD_CODECS),
                 "queue_size": manager.queue_size,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from splitstems import audio
-from splitstems.errors import SplitstemsError
+from splitstems.errors import ModelError, SplitstemsError
 from splitstems.separator import Separator
 
 __all__ = [
@@ -184,6 +184,8 @@ class JobManager:
         self._wake = threading.Condition(self._lock)
         self._separators: dict[JobOptions, tuple[Separator, threading.Lock]] = {}
         self._separators_lock = threading.Lock()
+        #: Models that could not be loaded (their error is in the log); the page marks them.
+        self.unavailable: set[str] = set()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -304,6 +306,11 @@ class JobManager:
                 self._run(job)
             except _Cancelled:
                 job.touch(state="cancelled", finished=time.time())
+            except ModelError:  # the operator's problem (logged by separator()), not the user's
+                message = (
+                    f"{job.name}: the model {job.options.model} is not available on this server"
+                )
+                job.touch(state="failed", error=message, finished=time.time())
             except SplitstemsError as exc:
                 message = str(exc).replace(str(job.input_path), job.name)
                 if not message.startswith(f"{job.name}: "):  # a model error, say
@@ -323,13 +330,24 @@ class JobManager:
                     shutil.rmtree(job.folder, ignore_errors=True)
 
     def separator(self, options: JobOptions) -> tuple[Separator, threading.Lock]:
-        """Return the separator for ``options`` (built once) and the lock guarding it."""
+        """Return the separator for ``options`` (built once) and the lock guarding it.
+
+        Raises:
+            ModelError: the model cannot be loaded; it is logged with the hint for the
+                operator and listed in :attr:`unavailable` until it loads.
+        """
         with self._separators_lock:
             found = self._separators.get(options)
             if found is None:
-                separator = self._factory(
-                    options.model, **options.separator_kwargs(), **self._separator_kwargs
-                )
+                try:
+                    separator = self._factory(
+                        options.model, **options.separator_kwargs(), **self._separator_kwargs
+                    )
+                except ModelError as exc:
+                    log.warning("model %s cannot be loaded: %s", options.model, exc)
+                    self.unavailable.add(options.model)
+                    raise
+                self.unavailable.discard(options.model)
                 found = self._separators[options] = (separator, threading.Lock())
             return found
 
