@@ -49,7 +49,7 @@ from starlette.staticfiles import StaticFiles
 from splitstems import audio, hub
 from splitstems.config import RELEASED_MODELS
 from splitstems.errors import AudioError, ModelError, SplitstemsError
-from splitstems.web.jobs import FINAL_STATES, Job, JobManager, JobOptions, QueueFull
+from splitstems.web.jobs import FINAL_STATES, Job, JobGone, JobManager, JobOptions, QueueFull
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "Settings", "create_app", "format_size", "is_loopback"]
 
@@ -433,8 +433,8 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
 
         try:
             path, stat = await run_in_threadpool(made)
-        except (SplitstemsError, OSError):
-            if manager.get(job.id) is None:
+        except (SplitstemsError, OSError) as exc:
+            if isinstance(exc, JobGone) or manager.get(job.id) is None:
                 return _error(404, f"{job.name}: removed from this server while it was prepared")
             log.exception("job %s (%s): cannot make %s", job.id, job.name, suffix)
             return _error(500, f"{job.name}: cannot make {suffix} (the server's log says why)")

@@ -150,6 +150,7 @@ function markGone(card, why) {
   if (card.dataset.gone) return;
   card.dataset.gone = why;
   card.classList.add("gone");
+  if (card.events && why !== "server stopped") card.events.close();  // else it reconnects
   $(".job-state", card).textContent = why;
   $(".job-remove", card).textContent = "Remove";
   if (card.player) card.player.enable(false);
