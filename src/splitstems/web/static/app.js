@@ -3,7 +3,7 @@
 // and Firefox (standard APIs only).
 "use strict";
 
-const state = { config: null, players: new Set() };
+const state = { config: null, players: new Set(), serverNoticeDismissed: false };
 
 function $(selector, root = document) { return root.querySelector(selector); }
 
@@ -60,12 +60,14 @@ function serverReachable(reachable) {
   const notice = $("#server-gone");
   if (reachable) {
     if (notice) notice.remove();
+    state.serverNoticeDismissed = false;
     return;
   }
-  if (notice) return;
+  if (notice || state.serverNoticeDismissed) return;  // once, not again every 15 s
   const box = showError("The splitstems server has stopped or cannot be reached: the songs " +
     "below can no longer be played or downloaded. Start it again and reload this page.");
   box.id = "server-gone";
+  $("button", box).addEventListener("click", () => { state.serverNoticeDismissed = true; });
   for (const card of document.querySelectorAll(".job[data-job]")) {
     markGone(card, "server stopped");
   }
