@@ -115,6 +115,46 @@ def test_non_audio_upload_is_refused_naming_the_file(server: Server) -> None:
     assert server.leftovers() == before
 
 
+def test_upload_names_keep_backslashes_and_lose_folders(server: Server) -> None:
+    # "\\" is an ordinary character in Linux and macOS file names: the name is kept whole
+    for sent, shown in [
+        ('odd é "q" <s>alert(1)<\\s>.mp3', 'odd é "q" <s>alert(1)<\\s>.mp3'),
+        ("music/albums/x.mp3", "x.mp3"),
+    ]:
+        query = urllib.parse.urlencode({"name": sent})
+        status, body, _ = _raw(server, "POST", f"/api/jobs?{query}", body=b"text\n" * 100)
+        assert status == 415
+        assert json.loads(body)["error"].startswith(f"{shown}: not an audio file"), body
+
+
+def test_errors_of_the_http_layer_are_json_too(server: Server) -> None:
+    status, body, response = _raw(server, "PUT", "/api/jobs", body=b"x")
+    assert status == 405
+    assert json.loads(body) == {"error": "method not allowed"}
+    assert "GET" in response.headers["allow"]
+    status, body, _ = _raw(server, "DELETE", "/static/app.js")
+    assert status == 405 and json.loads(body) == {"error": "method not allowed"}
+
+
+@pytest.mark.parametrize(
+    "host", ["[::1]", "localhost", "127.0.0.1", "[::1]:{port}", "127.0.0.1:{port}"]
+)
+def test_loopback_host_headers_are_accepted_with_or_without_a_port(
+    server: Server, host: str
+) -> None:
+    status, body, _ = _raw(
+        server, "GET", "/api/config", headers={"Host": host.format(port=server.port)}
+    )
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("host", ["evil.test", "evil.test:80", "[::2]:80", "127.0.0.1.evil.test"])
+def test_other_host_headers_are_refused(server: Server, host: str) -> None:
+    status, body, _ = _raw(server, "GET", "/api/config", headers={"Host": host})
+    assert status == 400, body
+    assert json.loads(body)["error"].endswith("is not this server's (it listens on loopback only)")
+
+
 def test_unknown_model_and_empty_body_are_refused(server: Server) -> None:
     status, body, _ = _raw(server, "POST", "/api/jobs?name=a.wav&model=../../x", body=b"RIFF")
     assert status == 400 and b"a.wav: unknown model" in body
@@ -255,6 +295,12 @@ def test_token_host_and_origin_are_checked(
     try:
         status, body, _ = _raw(locked, "GET", "/api/config")
         assert status == 401 and b"token" in body
+        # a person opening the address without ?token= gets a page that says so, not JSON
+        status, body, response = _raw(locked, "GET", "/")
+        assert status == 401
+        assert response.headers["content-type"].startswith("text/html")
+        assert b"<h1>This splitstems server needs its token</h1>" in body
+        assert b"Authorization: Bearer &lt;token&gt;" in body
         assert (
             _raw(locked, "GET", "/api/config", headers={"Authorization": "Bearer nope"})[0] == 401
         )
@@ -301,7 +347,7 @@ def test_unknown_job_and_stem_are_404(server: Server, done_job: dict) -> None:
         server.json("/api/jobs/" + "f" * 32)
 
 
-def test_delete_of_a_running_job_stops_it_and_frees_the_worker(
+def test_delete_of_a_running_job_or_a_conversion_stops_it_and_leaks_no_path(
     server: Server, done_job: dict, tmp_path: Path
 ) -> None:
     # 60 s of a separated stem: five model segments, so the job is seen running
@@ -321,8 +367,26 @@ def test_delete_of_a_running_job_stops_it_and_frees_the_worker(
         time.sleep(0.1)
     assert _raw(server, "GET", f"/api/jobs/{job['id']}")[0] == 404
     # the worker is free for the next song
-    after = _upload(server, long_song, name="after.wav")
-    assert server.wait_done(after["id"])["state"] == "done"
+    after = server.wait_done(_upload(server, long_song, name="after.wav")["id"])
+    assert after["state"] == "done"
+
+    # removed while a stem is converted for download: a 404 naming the song, no server path
+    stems = next(p for p in server.tmpdir.rglob(after["id"]) if p.is_dir()) / "stems"
+    answers: list[tuple[int, bytes, http.client.HTTPResponse]] = []
+    url = after["stems"][1]["url"] + "?codec=m4a"  # 60 s of AAC: about 2 s to encode
+    fetch = threading.Thread(target=lambda: answers.append(_raw(server, "GET", url)))
+    fetch.start()
+    deadline = time.monotonic() + 30
+    while not list(stems.glob(".*.part*")):  # the encoder's temp file
+        assert time.monotonic() < deadline and fetch.is_alive(), answers
+        time.sleep(0.01)
+    assert _raw(server, "DELETE", f"/api/jobs/{after['id']}")[0] == 204
+    fetch.join(60)
+    status, body, response = answers[0]
+    assert status == 404, (status, body)
+    assert response.headers["content-type"] == "application/json"
+    assert json.loads(body)["error"] == "after.wav: removed from this server while it was prepared"
+    assert b"/" not in body  # no path of any kind
 
 
 def test_open_starts_the_browser_on_the_page(model_env: dict[str, str], tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import ipaddress
 import json
 import logging
@@ -33,15 +34,22 @@ from urllib.parse import parse_qs, urlsplit
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from splitstems import audio, hub
 from splitstems.config import RELEASED_MODELS
-from splitstems.errors import AudioError, SplitstemsError
-from splitstems.web.jobs import FINAL_STATES, Job, JobManager, JobOptions, QueueFull
+from splitstems.errors import AudioError, ModelError, SplitstemsError
+from splitstems.web.jobs import FINAL_STATES, Job, JobGone, JobManager, JobOptions, QueueFull
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "Settings", "create_app", "format_size", "is_loopback"]
 
@@ -102,13 +110,30 @@ def format_size(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _host_name(header: str) -> str:
+    """Return the name in a ``Host`` header without its port: ``[::1]:8000`` -> ``[::1]``."""
+    if header.startswith("["):  # an IPv6 address: the port, if any, follows the "]"
+        end = header.find("]")
+        return header[: end + 1] if end > 0 else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+_TOKEN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>splitstems: token needed</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body>
+<h1>This splitstems server needs its token</h1>
+<p>{message}</p></body></html>
+"""
 
 
 def _display_name(raw: str | None) -> str:
     """Return the upload's name as the page shows it: no folders, no control characters."""
-    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = (raw or "").rsplit("/", 1)[-1]  # "\\" is part of a name on Linux and macOS
     name = "".join(c for c in name if c.isprintable()).strip()
     return name[:_NAME_CHARS] or "upload"
 
@@ -135,10 +160,11 @@ class _Guard:
             return
         request = Request(scope)
         problem = self._refuse(request)
-        if problem is not None:
-            await _error(*problem)(scope, receive, send)
-            return
-        set_cookie = self.settings.token is not None and request.query_params.get("token")
+        set_cookie = (
+            problem is None
+            and self.settings.token is not None
+            and request.query_params.get("token")
+        )
 
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -150,10 +176,21 @@ class _Guard:
                 message["headers"] = headers
             await send(message)
 
+        if problem is not None:
+            status, text = problem
+            refusal: Response
+            if status == 401 and request.method in ("GET", "HEAD") and scope["path"] == "/":
+                # a person in a browser: a page, not JSON
+                page = _TOKEN_PAGE.format(message=html.escape(text[:1].upper() + text[1:]))
+                refusal = HTMLResponse(page, status_code=401)
+            else:
+                refusal = _error(status, text)
+            await refusal(scope, receive, send_with_headers)
+            return
         await self.app(scope, receive, send_with_headers)
 
     def _refuse(self, request: Request) -> tuple[int, str] | None:
-        host = (request.headers.get("host") or "").rsplit(":", 1)[0]
+        host = _host_name(request.headers.get("host") or "")
         if self.settings.loopback and not is_loopback(host):
             # a page of another site that resolves its name to 127.0.0.1 (DNS rebinding)
             return 400, f"host {host!r} is not this server's (it listens on loopback only)"
@@ -195,6 +232,8 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
     def warm_up() -> None:  # load the default model now, not when the first song comes
         try:
             manager.separator(JobOptions(model=settings.default_model))
+        except ModelError:
+            pass  # logged by separator(), with the operator's hint
         except SplitstemsError as exc:
             log.warning("%s", exc)
 
@@ -216,8 +255,14 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             {
                 "max_upload": settings.max_upload,
                 "max_upload_text": format_size(settings.max_upload),
-                "models": [{"name": m.name, "local": m.available} for m in models]
-                + [{"name": name, "local": True} for name in sorted(known - set(released))],
+                "models": [
+                    {"name": m.name, "local": m.available, "failed": m.name in manager.unavailable}
+                    for m in models
+                ]
+                + [
+                    {"name": name, "local": True, "failed": name in manager.unavailable}
+                    for name in sorted(known - set(released))
+                ],
                 "default_model": settings.default_model,
                 "codecs": list(DOWNLOAD_CODECS),
                 "queue_size": manager.queue_size,
@@ -332,19 +377,14 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             return _error(404, f"{job.name}: no stem {name!r}")
         if codec is None:
             return _error(400, f"codec must be one of {', '.join(DOWNLOAD_CODECS)}")
-        try:
-            path = await run_in_threadpool(manager.stem_file, job, name, codec)
-        except SplitstemsError as exc:
-            return _error(500, f"{job.name}: {exc}")
-        return FileResponse(path, filename=_download_name(job, f"{name}.{codec}"))
+        return await _send_file(job, f"{name}.{codec}", lambda: manager.stem_file(job, name, codec))
 
     async def zip_all(request: Request) -> Response:
         job = _finished(request)
         if isinstance(job, Response):
             return job
-        path = await run_in_threadpool(manager.zip_file, job)
-        return FileResponse(
-            path, media_type="application/zip", filename=_download_name(job, "stems.zip")
+        return await _send_file(
+            job, "stems.zip", lambda: manager.zip_file(job), media_type="application/zip"
         )
 
     async def mix(request: Request) -> Response:
@@ -365,19 +405,57 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
             if not (math.isfinite(gain) and 0.0 <= gain <= MAX_GAIN):
                 return _error(400, f"gain of {name} must be a number from 0 to {MAX_GAIN:g}")
             gains[name] = gain
-        path = await run_in_threadpool(manager.mix_file, job, gains, codec)
         label = (
             "+".join(f"{n}" if g == 1 else f"{n}{g:g}" for n, g in gains.items() if g > 0)
             or "silence"
         )
+        return await _send_file(
+            job, f"mix-{label}.{codec}", lambda: manager.mix_file(job, gains, codec), temp=True
+        )
+
+    async def _send_file(
+        job: Job,
+        suffix: str,
+        make: Callable[[], Path],
+        *,
+        media_type: str | None = None,
+        temp: bool = False,
+    ) -> Response:
+        """Make a job's file in a worker thread and send it; errors as JSON, without paths.
+
+        The song may be removed (Cancel, expiry, server stop) while its file is made:
+        that is a 404 like any request for a removed song.
+        """
+
+        def made() -> tuple[Path, os.stat_result]:
+            path = make()
+            return path, os.stat(path)
+
+        try:
+            path, stat = await run_in_threadpool(made)
+        except (SplitstemsError, OSError) as exc:
+            if isinstance(exc, JobGone) or manager.get(job.id) is None:
+                return _error(404, f"{job.name}: removed from this server while it was prepared")
+            log.exception("job %s (%s): cannot make %s", job.id, job.name, suffix)
+            return _error(500, f"{job.name}: cannot make {suffix} (the server's log says why)")
         return FileResponse(
             path,
-            filename=_download_name(job, f"mix-{label}.{codec}"),
-            background=BackgroundTask(os.unlink, path),
+            media_type=media_type,
+            filename=_download_name(job, suffix),
+            stat_result=stat,
+            background=BackgroundTask(os.unlink, path) if temp else None,
         )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return _error(404, "not found")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail.lower(), headers=exc.headers)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # uvicorn logs the traceback; the answer names no file and no path
+        return _error(500, "internal error (the server's log says more)")
 
     routes = [
         Route("/", page),
@@ -392,7 +470,15 @@ def create_app(settings: Settings | None = None, manager: JobManager | None = No
         Route("/api/jobs/{job_id}/mix", mix),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            404: not_found,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+    )
     app.state.manager = manager
     return _Guard(app, settings)
 

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from splitstems import audio
-from splitstems.errors import SplitstemsError
+from splitstems.errors import ModelError, SplitstemsError
 from splitstems.separator import Separator
 
 __all__ = [
     "FINAL_STATES",
     "Job",
+    "JobGone",
     "JobManager",
     "JobOptions",
     "QueueFull",
@@ -55,6 +56,10 @@ def valid_id(text: str) -> bool:
 
 class QueueFull(SplitstemsError):
     """The queue holds as many jobs as it may; the caller should try again later."""
+
+
+class JobGone(SplitstemsError):
+    """The job was deleted (or expired) while one of its files was being made."""
 
 
 class _Cancelled(Exception):
@@ -184,6 +189,8 @@ class JobManager:
         self._wake = threading.Condition(self._lock)
         self._separators: dict[JobOptions, tuple[Separator, threading.Lock]] = {}
         self._separators_lock = threading.Lock()
+        #: Models that could not be loaded (their error is in the log); the page marks them.
+        self.unavailable: set[str] = set()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -304,6 +311,11 @@ class JobManager:
                 self._run(job)
             except _Cancelled:
                 job.touch(state="cancelled", finished=time.time())
+            except ModelError:  # the operator's problem (logged by separator()), not the user's
+                message = (
+                    f"{job.name}: the model {job.options.model} is not available on this server"
+                )
+                job.touch(state="failed", error=message, finished=time.time())
             except SplitstemsError as exc:
                 message = str(exc).replace(str(job.input_path), job.name)
                 if not message.startswith(f"{job.name}: "):  # a model error, say
@@ -323,13 +335,24 @@ class JobManager:
                     shutil.rmtree(job.folder, ignore_errors=True)
 
     def separator(self, options: JobOptions) -> tuple[Separator, threading.Lock]:
-        """Return the separator for ``options`` (built once) and the lock guarding it."""
+        """Return the separator for ``options`` (built once) and the lock guarding it.
+
+        Raises:
+            ModelError: the model cannot be loaded; it is logged with the hint for the
+                operator and listed in :attr:`unavailable` until it loads.
+        """
         with self._separators_lock:
             found = self._separators.get(options)
             if found is None:
-                separator = self._factory(
-                    options.model, **options.separator_kwargs(), **self._separator_kwargs
-                )
+                try:
+                    separator = self._factory(
+                        options.model, **options.separator_kwargs(), **self._separator_kwargs
+                    )
+                except ModelError as exc:
+                    log.warning("model %s cannot be loaded: %s", options.model, exc)
+                    self.unavailable.add(options.model)
+                    raise
+                self.unavailable.discard(options.model)
                 found = self._separators[options] = (separator, threading.Lock())
             return found
 
@@ -389,35 +412,67 @@ class JobManager:
 
     # ------------------------------------------------------------------ outputs
 
+    @contextlib.contextmanager
+    def _making(self, job: Job) -> Iterator[None]:
+        """Guard the making of one of ``job``'s files against the job's deletion.
+
+        Raises:
+            JobGone: the job is not (or no longer) there; a folder the writer made
+                again after the deletion removed it is removed.
+        """
+        if self.get(job.id) is None:
+            raise JobGone(f"{job.name}: removed from this server")
+        try:
+            yield
+        finally:
+            gone = self.get(job.id) is None
+            if gone:
+                shutil.rmtree(job.folder, ignore_errors=True)
+        if gone:
+            raise JobGone(f"{job.name}: removed from this server")
+
     def stem_file(self, job: Job, instrument: str, codec: str) -> Path:
-        """Return the stem in ``codec``, encoded from the WAV the first time it is asked."""
+        """Return the stem in ``codec``, encoded from the WAV the first time it is asked.
+
+        Raises:
+            JobGone: the job was deleted before or while it was encoded.
+        """
         wav = job.stem_path(instrument)
-        if codec == "wav":
-            return wav
         target = job.stem_path(instrument, codec)
-        if not target.is_file():
-            _encode(wav, target, job.sample_rate, codec=codec, gains=None)
+        with self._making(job):
+            if codec != "wav" and not target.is_file():
+                _encode(wav, target, job.sample_rate, codec=codec, gains=None)
         return target
 
     def mix_file(self, job: Job, gains: dict[str, float], codec: str) -> Path:
-        """Write the stems summed with ``gains`` to a new file (the caller deletes it)."""
+        """Write the stems summed with ``gains`` to a new file (the caller deletes it).
+
+        Raises:
+            JobGone: the job was deleted before or while it was mixed.
+        """
         target = job.folder / f"mix-{secrets.token_hex(8)}.{codec}"
         sources = {name: job.stem_path(name) for name in job.instruments}
-        _encode(sources, target, job.sample_rate, codec=codec, gains=gains)
+        with self._making(job):
+            _encode(sources, target, job.sample_rate, codec=codec, gains=gains)
         return target
 
     def zip_file(self, job: Job) -> Path:
-        """Return a zip of every stem as WAV (built once; stored: WAV hardly compresses)."""
+        """Return a zip of every stem as WAV (built once; stored: WAV hardly compresses).
+
+        Raises:
+            JobGone: the job was deleted before or while it was zipped.
+        """
         target = job.folder / "stems.zip"
-        if not target.is_file():
-            part = target.with_name(f".stems.{secrets.token_hex(4)}.part")
-            try:
-                with zipfile.ZipFile(part, "w", zipfile.ZIP_STORED) as archive:
-                    for name in job.instruments:
-                        archive.write(job.stem_path(name), f"{name}.wav")
-                part.replace(target)
-            finally:
-                part.unlink(missing_ok=True)
+        with self._making(job):
+            if not target.is_file():
+                part = target.with_name(f".stems.{secrets.token_hex(4)}.part")
+                try:
+                    with zipfile.ZipFile(part, "w", zipfile.ZIP_STORED) as archive:
+                        for name in job.instruments:
+                            archive.write(job.stem_path(name), f"{name}.wav")
+                    part.replace(target)
+                finally:
+                    part.unlink(missing_ok=True)
         return target
 
 

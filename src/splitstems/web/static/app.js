@@ -3,7 +3,7 @@
 // and Firefox (standard APIs only).
 "use strict";
 
-const state = { config: null, players: new Set() };
+const state = { config: null, players: new Set(), serverNoticeDismissed: false };
 
 function $(selector, root = document) { return root.querySelector(selector); }
 
@@ -23,7 +23,19 @@ function sizeText(bytes) {
 
 // ------------------------------------------------------------------ errors
 
-function showError(message) {
+// A failed song's alert, once dismissed, stays dismissed when the page is reloaded.
+const DISMISSED = "splitstems-dismissed";
+
+function dismissed() {
+  try {
+    return new Set(JSON.parse(sessionStorage.getItem(DISMISSED) || "[]"));
+  } catch {
+    return new Set();
+  }
+}
+
+function showError(message, jobId = null) {
+  if (jobId && dismissed().has(jobId)) return null;
   const box = document.createElement("div");
   box.setAttribute("role", "alert");
   const text = document.createElement("span");
@@ -31,9 +43,34 @@ function showError(message) {
   const close = document.createElement("button");
   close.type = "button";
   close.textContent = "Dismiss";
-  close.addEventListener("click", () => box.remove());
+  close.addEventListener("click", () => {
+    box.remove();
+    if (jobId) {
+      const ids = dismissed().add(jobId);
+      try { sessionStorage.setItem(DISMISSED, JSON.stringify([...ids])); } catch { /* private mode */ }
+    }
+  });
   box.append(text, close);
   $("#alerts").append(box);
+  return box;
+}
+
+// The server stopped (or cannot be reached): one notice, until it answers again.
+function serverReachable(reachable) {
+  const notice = $("#server-gone");
+  if (reachable) {
+    if (notice) notice.remove();
+    state.serverNoticeDismissed = false;
+    return;
+  }
+  if (notice || state.serverNoticeDismissed) return;  // once, not again every 15 s
+  const box = showError("The splitstems server has stopped or cannot be reached: the songs " +
+    "below can no longer be played or downloaded. Start it again and reload this page.");
+  box.id = "server-gone";
+  $("button", box).addEventListener("click", () => { state.serverNoticeDismissed = true; });
+  for (const card of document.querySelectorAll(".job[data-job]")) {
+    markGone(card, "server stopped");
+  }
 }
 
 // ------------------------------------------------------------------ set-up
@@ -43,13 +80,20 @@ async function loadConfig() {
   if (!response.ok) throw new Error(`the server answered ${response.status}`);
   state.config = await response.json();
   const select = $("#model");
+  const chosen = select.value;
   select.textContent = "";
   for (const model of state.config.models) {
     const option = document.createElement("option");
     option.value = model.name;
-    option.textContent = model.local ? model.name : `${model.name} (downloads its weights)`;
-    option.selected = model.name === state.config.default_model;
+    option.textContent = model.failed ? `${model.name} (not available on this server)`
+      : model.local ? model.name : `${model.name} (downloads its weights)`;
+    option.disabled = Boolean(model.failed);
     select.append(option);
+  }
+  // keep the user's choice across reloads of the list, else the server's default
+  for (const name of [chosen, state.config.default_model]) {
+    const option = [...select.options].find((o) => o.value === name && !o.disabled);
+    if (option) { option.selected = true; break; }
   }
   $("#limit-hint").textContent =
     `Any audio or video file FFmpeg reads, up to ${state.config.max_upload_text}.`;
@@ -84,8 +128,42 @@ function newCard(name) {
   const card = $("#job-template").content.firstElementChild.cloneNode(true);
   $(".job-name", card).textContent = name;
   $("#jobs").prepend(card);
-  $("#empty").hidden = true;
+  updateEmpty();
   return card;
+}
+
+function updateEmpty() {
+  $("#empty").hidden = $("#jobs").children.length > 0;
+}
+
+// Remove a song's card; if the focus was in it, move it to the next song (or the previous
+// one, or the file chooser) instead of letting it fall to the page.
+function removeCard(card) {
+  const next = card.nextElementSibling || card.previousElementSibling;
+  const hadFocus = card.contains(document.activeElement);
+  if (card.player) card.player.close();
+  card.remove();
+  updateEmpty();
+  if (hadFocus) (next ? $(".job-name", next) : $("#files")).focus();
+}
+
+// A song the server no longer has (expired, removed elsewhere, server stopped).
+function markGone(card, why) {
+  if (card.dataset.gone) return;
+  card.dataset.gone = why;
+  card.classList.add("gone");
+  if (card.events && why !== "server stopped") card.events.close();  // else it reconnects
+  $(".job-state", card).textContent = why;
+  $(".job-remove", card).textContent = "Remove";
+  if (card.player) card.player.enable(false);
+}
+
+// The server answers again and still has this song (a network hiccup, not a stop).
+function markBack(card, job) {
+  delete card.dataset.gone;
+  card.classList.remove("gone");
+  render(job, card);
+  if (card.player) card.player.enable(true);
 }
 
 function upload(file) {
@@ -110,18 +188,18 @@ function upload(file) {
   request.upload.addEventListener("progress", (event) => {
     if (event.lengthComputable) $(".job-progress", card).value = event.loaded / event.total;
   });
-  $(".job-remove", card).onclick = () => { request.abort(); card.remove(); };
+  $(".job-remove", card).onclick = () => { request.abort(); removeCard(card); };
   request.addEventListener("load", () => {
     const body = request.response || {};
     if (request.status !== 201) {
-      card.remove();
+      removeCard(card);
       showError(body.error || `${file.name}: the server answered ${request.status}`);
       return;
     }
     follow(body, card);
   });
   request.addEventListener("error", () => {
-    card.remove();
+    removeCard(card);
     showError(`${file.name}: upload failed (the server could not be reached)`);
   });
   request.send(file);
@@ -129,30 +207,28 @@ function upload(file) {
 
 function follow(job, card) {
   card.dataset.job = job.id;
+  $(".job-name", card).textContent = job.name;  // the name as the server keeps it
   $(".job-progress", card).value = 0;
   const remove = $(".job-remove", card);
   remove.onclick = async () => {
     events.close();
-    card.remove();
-    if (!$("#jobs").children.length) $("#empty").hidden = false;
-    await fetch(`/api/jobs/${job.id}`, { method: "DELETE" });
+    const gone = card.classList.contains("gone");
+    removeCard(card);
+    if (!gone) await fetch(`/api/jobs/${job.id}`, { method: "DELETE" });
   };
   const events = new EventSource(`/api/jobs/${job.id}/events`);
+  card.events = events;
   events.onmessage = (message) => {
     const update = JSON.parse(message.data);
     render(update, card);
     if (["done", "failed", "cancelled"].includes(update.state)) events.close();
   };
-  events.onerror = () => {
-    if (events.readyState === EventSource.CLOSED) {
-      showError(`${job.name}: lost contact with the server`);
-    }
-  };
+  events.onerror = () => checkServer();  // stopped server, or a song removed elsewhere
   render(job, card);
 }
 
 function render(job, card) {
-  card.className = `job ${job.state}`;
+  card.className = `job ${job.state}` + (card.dataset.gone ? " gone" : "");
   const stateText = {
     queued: "waiting",
     running: `separating ${Math.round(job.progress * 100)}%`,
@@ -166,7 +242,11 @@ function render(job, card) {
     ? "Remove" : "Cancel";
   if (job.state === "failed" && !card.dataset.reported) {
     card.dataset.reported = "1";
-    showError(job.error || `${job.name}: failed`);
+    $(".job-error", card).textContent = job.error || "";
+    showError(job.error || `${job.name}: failed`, job.id);
+    if (/ is not available on this server$/.test(job.error || "")) {
+      loadConfig().catch(() => {});  // the list marks the model
+    }
   }
   if (job.state === "done" && !card.player) card.player = new Player(job, card);
 }
@@ -188,8 +268,10 @@ class Player {
     this.seek.max = String(this.duration);
     this.play.addEventListener("click", () => this.toggle());
     this.seek.addEventListener("input", () => this.moveTo(Number(this.seek.value)));
+    this.seek.addEventListener("keydown", (event) => this.seekKey(event));
     this.master.addEventListener("timeupdate", () => this.tick());
     this.master.addEventListener("ended", () => this.pause());
+    this.master.addEventListener("error", () => checkServer());
     this.setUpDownloads();
     this.apply();
     this.tick();
@@ -267,6 +349,7 @@ class Player {
   }
 
   updateLinks() {
+    if (this.disabled) return;
     const codec = $(".codec", this.root).value || "wav";
     for (const part of this.stems) {
       const link = $(".download", part.row);
@@ -296,6 +379,44 @@ class Player {
     this.play.innerHTML = "&#10074;&#10074; Pause";
     this.play.setAttribute("aria-label", "Pause");
     this.animate();
+    checkServer();  // a song that expired while the page sat open is marked at once
+  }
+
+  // Arrows move 5 s, Page Up/Down 30 s (the slider's own step is 0.01 s, for dragging);
+  // Home and End keep their native meaning.
+  seekKey(event) {
+    const jumps = { ArrowRight: 5, ArrowUp: 5, ArrowLeft: -5, ArrowDown: -5,
+      PageUp: 30, PageDown: -30 };
+    if (!(event.key in jumps) || event.altKey || event.ctrlKey || event.metaKey) return;
+    event.preventDefault();
+    this.moveTo(this.master.currentTime + jumps[event.key]);
+  }
+
+  // enable(false): the song's files are gone, nothing to play or download; enable(true):
+  // they are back (the server answered again after a network hiccup).
+  enable(on) {
+    if (!on) this.pause();
+    this.disabled = !on;
+    for (const control of this.root.querySelectorAll("button, input, select")) {
+      control.disabled = !on;
+    }
+    for (const link of this.root.querySelectorAll("a")) {
+      if (on) {
+        link.removeAttribute("aria-disabled");
+      } else {
+        link.removeAttribute("href");
+        link.setAttribute("aria-disabled", "true");
+      }
+    }
+    if (on) {
+      $(".zip", this.root).href = this.job.zip;
+      this.updateLinks();
+    }
+  }
+
+  close() {
+    this.pause();
+    state.players.delete(this);
   }
 
   pause() {
@@ -319,6 +440,7 @@ class Player {
       }
     }
     this.seek.value = String(now);
+    this.seek.setAttribute("aria-valuetext", `${clock(now)} of ${clock(this.duration)}`);
     $(".time", this.root).textContent = `${clock(now)} / ${clock(this.duration)}`;
     this.draw();
   }
@@ -350,6 +472,45 @@ class Player {
   }
 }
 
+// ------------------------------------------------------------------ server watch
+
+// Ask the server which songs it still has: mark the cards of the others, or say that the
+// server is gone. Runs every 15 s while the page is visible, when it comes back into view,
+// on Play, and when an event stream or a player fails.
+let checking = null;
+
+function checkServer() {
+  if (!checking) checking = checkNow().finally(() => { checking = null; });
+  return checking;
+}
+
+async function checkNow() {
+  let jobs;
+  try {
+    const response = await fetch("/api/jobs", { cache: "no-store" });
+    if (!response.ok) throw new Error(`the server answered ${response.status}`);
+    ({ jobs } = await response.json());
+  } catch {
+    serverReachable(false);
+    return;
+  }
+  serverReachable(true);
+  const known = new Map(jobs.map((job) => [job.id, job]));
+  for (const card of document.querySelectorAll(".job[data-job]")) {
+    const job = known.get(card.dataset.job);
+    if (!job) markGone(card, "expired: no longer on the server");
+    else if (card.dataset.gone === "server stopped") markBack(card, job);
+  }
+}
+
+function watchServer() {
+  setInterval(() => { if (document.visibilityState === "visible") checkServer(); }, 15000);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") checkServer();
+  });
+  window.addEventListener("focus", () => checkServer());
+}
+
 // ------------------------------------------------------------------ start
 
 async function resume() {
@@ -370,6 +531,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   try {
     await loadConfig();
     await resume();
+    watchServer();
   } catch (error) {
     showError(`cannot reach the splitstems server (${error.message})`);
   }
