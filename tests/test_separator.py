@@ -166,7 +166,7 @@ def test_non_finite_samples_are_zeros_to_the_model_with_one_warning(separator_2s
     zeros = np.where(np.isfinite(damaged), damaged, 0)
     with caplog.at_level("WARNING", logger="splitstems"):
         stems = separator_2stems.separate(damaged)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("splitstems")] == [
         "waveform: 3 non-finite samples replaced by 0 (first at 1.000 s)"
     ]
     assert all(np.isfinite(v).all() for v in stems.values())
@@ -211,7 +211,7 @@ def test_a_file_with_nan_gives_the_stems_of_the_file_with_zeros(
     audio.save(tmp_path / "zeros.wav", zeros, sample_rate=44100, bit_depth="32f")
     with caplog.at_level("WARNING", logger="splitstems"):
         got = separator_2stems.separate_to_file(tmp_path / "nan.wav", tmp_path / "out")
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("splitstems")] == [
         f"{tmp_path / 'nan.wav'}: 1 non-finite sample replaced by 0 (first at 1.500 s)"
     ]
     want = separator_2stems.separate_to_file(tmp_path / "zeros.wav", tmp_path / "out")
@@ -240,7 +240,7 @@ def test_a_file_warns_once_whatever_the_number_of_passes(rng, tmp_path, caplog):
     )
     with caplog.at_level("WARNING", logger="splitstems"):
         separator.separate_to_file(tmp_path / "six.wav", tmp_path / "out")
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("splitstems")] == [
         f"{tmp_path / 'six.wav'}: keeping the first 2 of its 6 channels",
         f"{tmp_path / 'six.wav'}: 1 non-finite sample replaced by 0 (first at 0.023 s)",
     ]
