@@ -41,13 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     common = {"formatter_class": HelpFormatter}
+    # in the order of --help: separating first, then the tools around the models
     separate.add_parser(sub, **common)
+    stream_command.add_parser(sub, **common)
+    serve.add_parser(sub, **common)
     models.add_parsers(sub, **common)
+    export_command.add_parser(sub, **common)
     evaluate.add_parser(sub, **common)
     train.add_parser(sub, **common)
-    export_command.add_parser(sub, **common)
-    serve.add_parser(sub, **common)
-    stream_command.add_parser(sub, **common)
     return parser
 
 
