@@ -255,6 +255,41 @@ def test_bad_file_fails_alone_not_retried_and_clash_settled(
     assert re.fullmatch(r"127\.0\.0\.1:[0-9]+", good["worker"])
 
 
+def test_a_model_that_cannot_load_leaves_no_output_folder(ray_address, clips, model_env, tmp_path):
+    out = tmp_path / "out" / "stems"  # neither exists yet
+    args = ["--ray", ray_address, "-p", "spleeter:4stems", str(clips[0]), "-o", str(out)]
+    code, stdout, stderr = _cli(args, model_env)  # 4stems: not here, and no download
+    assert code == 2, stderr
+    assert stderr.startswith("error: a Ray worker (127.0.0.1:"), stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs_fail_on_the_driver_without_a_worker(ray_address, model_env, tmp_path):
+    import ray
+    from ray._private import state
+
+    def pool_actors() -> int:  # every _Worker actor the cluster has had, alive or dead
+        return sum(a["ActorClassName"] == "_Worker" for a in state.actors().values())
+
+    out = tmp_path / "out"
+    missing = [tmp_path / "nothing-here.wav", tmp_path / "nor-here.mp3"]
+    ray.init(address=ray_address, logging_level="ERROR")
+    try:
+        before = pool_actors()
+        code, stdout, stderr = _cli(["--ray", ray_address, *map(str, missing), "-o", str(out)],
+                                    model_env)  # fmt: skip
+        after = pool_actors()
+    finally:
+        ray.shutdown()
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {path}: file not found" for path in missing]
+    assert "0 done, 0 skipped, 2 failed" in stderr
+    assert after == before  # no worker was started, no model loaded
+    lines = read_manifest(out / MANIFEST)
+    assert [lines[str(p)]["attempts"] for p in missing] == [0, 0]
+
+
 def test_worker_killed_mid_file_is_retried_on_another(
     ray_address, clips, local_stems, model_env, tmp_path
 ):

@@ -32,6 +32,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -428,6 +429,7 @@ class _Manifest:
         self.path = root / MANIFEST
         self.earlier = read_manifest(self.path)
         self.lines: dict[str, tuple[int, dict[str, Any]]] = {}  # path → (input's index, line)
+        self.made = [p for p in (root, *root.parents) if not p.exists()]  # folders made here
         try:
             root.mkdir(parents=True, exist_ok=True)
             self.fh: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
@@ -452,6 +454,8 @@ class _Manifest:
             with contextlib.suppress(OSError):
                 if self.path.stat().st_size == 0:
                     self.path.unlink()
+                for folder in self.made:  # nor an empty -o this run made
+                    folder.rmdir()
             return
         ours = [line for _, line in sorted(self.lines.values(), key=lambda item: item[0])]
         text = "".join(json.dumps(line) + "\n" for line in [*kept.values(), *ours])
@@ -581,12 +585,18 @@ def separate_on_ray(
     start = time.perf_counter()
     config = load_config(params)
     given = list(files)
-    n_actors = workers or pool_size(
-        ray.cluster_resources(),
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
-        n_tasks=len(given),
-    )
+    absolute = [path.absolute() for path in given]
+    unseen = {i: why for i, path in enumerate(absolute) if (why := _unseen(path)) is not None}
+    n_left = len(given) - len(unseen)  # the inputs that need a worker
+    n_actors = 0
+    if n_left:
+        n_actors = min(workers, n_left) if workers else 0
+        n_actors = n_actors or pool_size(
+            ray.cluster_resources(),
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            n_tasks=n_left,
+        )
     options = dict(separator_options or {})
     if options.get("threads") is None and cpus_per_worker >= 1:
         options["threads"] = int(cpus_per_worker)
@@ -605,7 +615,6 @@ def separate_on_ray(
     report = ClusterReport(workers=n_actors)
     ended: dict[int, ClusterResult] = {}  # input's index → its result
     manifest = _Manifest(root)
-    absolute: list[Path] = []
     groups: list[list[int]] = []  # inputs whose stems may clash go together
     attempts: list[int] = []  # per group
     pending: deque[int] = deque()  # groups to hand out
@@ -640,12 +649,16 @@ def separate_on_ray(
     try:
         for _ in range(n_actors):  # they load the model while the inputs are planned
             start_actor()
-        absolute[:] = [path.absolute() for path in given]
         groups[:] = _groups(
             absolute, root, config.instruments, codec=codec, filename_format=filename_format
         )
         attempts[:] = [0] * len(groups)
-        pending.extend(range(len(groups)))
+        for group, members in enumerate(groups):
+            if all(i in unseen for i in members):  # missing here: no worker needed
+                for i in members:
+                    finish(i, ClusterResult(given[i], "failed", f"{given[i]}: {unseen[i]}"), group)
+            else:
+                pending.append(group)
         while pending or running:
             while idle and pending:
                 actor, group = idle.pop(), pending.popleft()
@@ -724,6 +737,23 @@ def separate_on_ray(
         manifest.close()
     report.results = [ended[index] for index in sorted(ended)]
     return report
+
+
+def _unseen(path: Path) -> str | None:
+    """Why ``path`` fails, when the driver sees it at once (missing, a folder); else None.
+
+    One ``stat`` per input, as listing a folder costs; a worker looks at the rest.
+    """
+    if any(c in str(path) for c in "*?["):
+        return None  # a pattern that matched nothing: the batch says so
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            return "folder holds no audio files"  # as expand_inputs kept it
+    except FileNotFoundError:
+        return "file not found"
+    except OSError:
+        return None
+    return None
 
 
 def _wait_gone(workers: Sequence[str]) -> None:
