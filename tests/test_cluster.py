@@ -354,7 +354,8 @@ def test_resume_after_the_driver_is_killed(ray_address, clips, local_stems, mode
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
     proc.communicate()
-    finished = {Path(k).stem for k, v in read_manifest(out / MANIFEST).items()}
+    killed_run = {Path(k).stem: v for k, v in read_manifest(out / MANIFEST).items()}
+    finished = set(killed_run)
     assert 0 < len(finished) < len(clips)
 
     code, stdout, stderr = _cli([*args, "--resume"], model_env)
@@ -374,6 +375,11 @@ def test_resume_after_the_driver_is_killed(ray_address, clips, local_stems, mode
     assert {line["status"] for line in lines} <= {"done", "skipped"}
     assert {Path(line["input"]).stem for line in lines if line["status"] == "skipped"} == skipped
     assert all(line["audio_seconds"] > 0 for line in lines)
+    now = {Path(line["input"]).stem: line for line in lines}
+    kept = ("compute_seconds", "worker", "attempts", "finished")
+    for name, made in killed_run.items():  # skipped: keeps what making its stems cost, where
+        assert now[name]["status"] == "skipped" and made["compute_seconds"] > 0
+        assert {k: now[name][k] for k in kept} == {k: made[k] for k in kept}
 
 
 def test_sigterm_stops_the_driver_as_usual_leaving_no_temp_files(

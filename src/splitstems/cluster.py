@@ -80,6 +80,8 @@ _TICK = 1.0
 _KILL_WAIT = 10.0
 #: Signals whose handlers :func:`connect` keeps (``ray.init`` replaces them).
 _KEPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: What a skipped input's manifest line keeps of the line of the run that made its stems.
+_CARRIED = ("compute_seconds", "worker", "attempts", "finished")
 #: How long :func:`connect` waits for a TCP answer at a Ray address before giving up.
 _PROBE_TIMEOUT = 5.0
 
@@ -437,7 +439,14 @@ class _Manifest:
             raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
 
     def add(self, index: int, line: dict[str, Any]) -> None:
-        """Append the line of input ``index`` (flushed: a killed driver leaves it)."""
+        """Append the line of input ``index`` (flushed: a killed driver leaves it).
+
+        A ``skipped`` input keeps the figures of the run that made its stems (compute
+        seconds, worker, attempts, finished), as its earlier line has them.
+        """
+        earlier = self.earlier.get(line["path"], {})
+        if line["status"] == "skipped" and earlier.get("status") in ("done", "skipped"):
+            line.update({k: earlier[k] for k in _CARRIED if k in earlier})
         self.lines[line["path"]] = (index, line)
         if self.fh is not None:
             self.fh.write(json.dumps(line) + "\n")
