@@ -165,9 +165,19 @@ def _finished(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
 
 
 def _ray_processes_under(folder: str) -> list[str]:
-    """The command lines of processes started with ``folder`` in them (a Ray's temp dir)."""
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True)
-    return [line for line in ps.stdout.splitlines() if folder in line and "ps -eo" not in line]
+    """``pid command`` of the processes run with ``RAY_TMPDIR=folder`` (a Ray started there).
+
+    Found by their environment: Ray renames its workers and agents (``ray::_Worker``).
+    """
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if proc.name.isdigit() and f"RAY_TMPDIR={folder}".encode() in environ:
+                found.append(f"{proc.name} {(proc / 'cmdline').read_bytes()[:80]!r}")
+        except OSError:  # gone, or not ours
+            continue
+    return [line for line in found if int(line.split()[0]) != os.getpid()]
 
 
 def test_an_address_with_no_cluster_fails_at_once_with_one_line(clips, model_env, tmp_path):
