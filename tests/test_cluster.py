@@ -7,6 +7,7 @@ with those of a local ``separate`` of the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -152,6 +153,81 @@ def test_pool_size_fits_the_cluster():
         pool_size({"CPU": 8.0}, cpus_per_worker=1, gpus_per_worker=1, n_tasks=5)
 
 
+def _finished(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """Wait for ``proc``; a command still running after ``timeout`` s is killed and fails."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: it and what it started
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"still running after {timeout} s: {stderr[-2000:]}")
+    return proc.returncode, stdout, stderr
+
+
+def _ray_processes_under(folder: str) -> list[str]:
+    """``pid command`` of the processes run with ``RAY_TMPDIR=folder`` (a Ray started there).
+
+    Found by their environment: Ray renames its workers and agents (``ray::_Worker``).
+    """
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if proc.name.isdigit() and f"RAY_TMPDIR={folder}".encode() in environ:
+                found.append(f"{proc.name} {(proc / 'cmdline').read_bytes()[:80]!r}")
+        except OSError:  # gone, or not ours
+            continue
+    return [line for line in found if int(line.split()[0]) != os.getpid()]
+
+
+def test_an_address_with_no_cluster_fails_at_once_with_one_line(clips, model_env, tmp_path):
+    port = _free_port()  # bound, then closed: nothing listens there
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        out = tmp_path / "out"
+        proc = _run_cli(["--ray", address, str(clips[0]), "-o", str(out)], model_env,
+                        start_new_session=True)  # fmt: skip
+        code, stdout, stderr = _finished(proc, 60)
+        assert code == 2, stderr
+        assert stderr.count("\n") == 1, stderr  # one line, ours
+        assert stderr.startswith(f"error: cannot connect to Ray at {address}: "), stderr
+        assert not out.exists()
+
+
+def test_a_stale_recorded_cluster_fails_auto_and_plain_ray_starts_one(
+    clips, local_stems, model_env, tmp_path
+):
+    temp = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short: Ray's socket paths
+    try:
+        recorded = Path(temp) / "ray" / "ray_current_cluster"  # as a killed head leaves it
+        recorded.parent.mkdir()
+        recorded.write_text(f"127.0.0.1:{_free_port()}")
+        env = {**model_env, "RAY_TMPDIR": temp}
+        out = tmp_path / "out"
+        args = [str(clips[0]), "-o", str(out)]
+        proc = _run_cli(["--ray", "auto", *args], env, start_new_session=True)
+        code, stdout, stderr = _finished(proc, 60)
+        assert code == 2, stderr
+        assert stderr.count("\n") == 1, stderr
+        assert stderr.startswith(f"error: cannot connect to Ray at {recorded.read_text()}, "
+                                 f"the Ray recorded in {recorded}: "), stderr  # fmt: skip
+        assert not out.exists()
+
+        proc = _run_cli(["--ray", *args], env, start_new_session=True)  # a new Ray, here
+        code, stdout, stderr = _finished(proc, 180)
+        assert code == 0, stderr
+        assert f"warning: the Ray recorded in {recorded} " in stderr
+        _assert_same_stems(out, local_stems, [clips[0].stem])
+        deadline = time.monotonic() + 30
+        while _ray_processes_under(temp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _ray_processes_under(temp)  # the Ray it started stopped with it
+    finally:
+        for line in _ray_processes_under(temp):  # only if the test failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_bad_file_fails_alone_not_retried_and_clash_settled(
     ray_address, clips, local_stems, model_env, tmp_path
 ):
@@ -187,6 +263,41 @@ def test_bad_file_fails_alone_not_retried_and_clash_settled(
     }
     assert good["audio_seconds"] == 3.0 and good["compute_seconds"] > 0
     assert re.fullmatch(r"127\.0\.0\.1:[0-9]+", good["worker"])
+
+
+def test_a_model_that_cannot_load_leaves_no_output_folder(ray_address, clips, model_env, tmp_path):
+    out = tmp_path / "out" / "stems"  # neither exists yet
+    args = ["--ray", ray_address, "-p", "spleeter:4stems", str(clips[0]), "-o", str(out)]
+    code, stdout, stderr = _cli(args, model_env)  # 4stems: not here, and no download
+    assert code == 2, stderr
+    assert stderr.startswith("error: a Ray worker (127.0.0.1:"), stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs_fail_on_the_driver_without_a_worker(ray_address, model_env, tmp_path):
+    import ray
+    from ray._private import state
+
+    def pool_actors() -> int:  # every _Worker actor the cluster has had, alive or dead
+        return sum(a["ActorClassName"] == "_Worker" for a in state.actors().values())
+
+    out = tmp_path / "out"
+    missing = [tmp_path / "nothing-here.wav", tmp_path / "nor-here.mp3"]
+    ray.init(address=ray_address, logging_level="ERROR")
+    try:
+        before = pool_actors()
+        code, stdout, stderr = _cli(["--ray", ray_address, *map(str, missing), "-o", str(out)],
+                                    model_env)  # fmt: skip
+        after = pool_actors()
+    finally:
+        ray.shutdown()
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {path}: file not found" for path in missing]
+    assert "0 done, 0 skipped, 2 failed" in stderr
+    assert after == before  # no worker was started, no model loaded
+    lines = read_manifest(out / MANIFEST)
+    assert [lines[str(p)]["attempts"] for p in missing] == [0, 0]
 
 
 def test_worker_killed_mid_file_is_retried_on_another(
@@ -234,6 +345,13 @@ def test_worker_killed_mid_file_is_retried_on_another(
     assert lines[name]["status"] == "done" and lines[name]["attempts"] == 2
     assert lines[name]["worker"] != f"127.0.0.1:{pid}"
     assert [lines[n]["attempts"] for n in names if n != name] == [1] * (len(names) - 1)
+    # one line of ours says so; Ray's many-line raylet report (in colour) stays out
+    clip = next(c for c in clips if c.stem == name)
+    said = [line for line in stderr.splitlines() if "retrying" in line]
+    assert len(said) == 1, stderr
+    assert said[0].startswith(f"warning: {clip}: its Ray worker 127.0.0.1:{pid} died ("), said
+    assert said[0].endswith("); retrying (attempt 2 of 4)"), said
+    assert "\x1b[" not in stdout + stderr and "raylet" not in stdout + stderr, (stdout, stderr)
 
 
 def test_resume_after_the_driver_is_killed(ray_address, clips, local_stems, model_env, tmp_path):
@@ -246,7 +364,8 @@ def test_resume_after_the_driver_is_killed(ray_address, clips, local_stems, mode
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
     proc.communicate()
-    finished = {Path(k).stem for k, v in read_manifest(out / MANIFEST).items()}
+    killed_run = {Path(k).stem: v for k, v in read_manifest(out / MANIFEST).items()}
+    finished = set(killed_run)
     assert 0 < len(finished) < len(clips)
 
     code, stdout, stderr = _cli([*args, "--resume"], model_env)
@@ -266,6 +385,11 @@ def test_resume_after_the_driver_is_killed(ray_address, clips, local_stems, mode
     assert {line["status"] for line in lines} <= {"done", "skipped"}
     assert {Path(line["input"]).stem for line in lines if line["status"] == "skipped"} == skipped
     assert all(line["audio_seconds"] > 0 for line in lines)
+    now = {Path(line["input"]).stem: line for line in lines}
+    kept = ("compute_seconds", "worker", "attempts", "finished")
+    for name, made in killed_run.items():  # skipped: keeps what making its stems cost, where
+        assert now[name]["status"] == "skipped" and made["compute_seconds"] > 0
+        assert {k: now[name][k] for k in kept} == {k: made[k] for k in kept}
 
 
 def test_sigterm_stops_the_driver_as_usual_leaving_no_temp_files(

@@ -27,9 +27,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import signal
+import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -37,6 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -61,6 +65,8 @@ __all__ = [
     "separate_on_ray",
 ]
 
+log = logging.getLogger(__name__)
+
 #: The manifest's name, in the output folder.
 MANIFEST = "manifest.jsonl"
 #: How many times an input is handed to another worker after its worker died.
@@ -74,6 +80,10 @@ _TICK = 1.0
 _KILL_WAIT = 10.0
 #: Signals whose handlers :func:`connect` keeps (``ray.init`` replaces them).
 _KEPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: What a skipped input's manifest line keeps of the line of the run that made its stems.
+_CARRIED = ("compute_seconds", "worker", "attempts", "finished")
+#: How long :func:`connect` waits for a TCP answer at a Ray address before giving up.
+_PROBE_TIMEOUT = 5.0
 
 
 def _ray() -> Any:  # noqa: ANN401 - the ray module
@@ -85,11 +95,24 @@ def _ray() -> Any:  # noqa: ANN401 - the ray module
     return ray
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, *, verbose: bool = False) -> None:
     """Connect to a Ray cluster (``ray.init(address=...)``), unless already connected.
 
     ``address``: ``auto``, ``host:port``, ``ray://host:port``, ``local`` (a new Ray on
     this machine) or None (a Ray already running on this machine, else a new one).
+    As with ``ray.init``, ``RAY_ADDRESS`` stands in for None and ``auto``, and a Ray
+    started with ``ray start`` here is found through its ``ray_current_cluster`` file.
+
+    Before Ray is asked, the address is tried with a plain TCP connection
+    (:data:`_PROBE_TIMEOUT` seconds): Ray itself would retry an address with nothing
+    behind it for many minutes, deaf to Ctrl-C. With None, a recorded Ray that no
+    longer answers (a stopped head leaves its file behind) is passed over and a new
+    Ray is started here, as when none is recorded.
+
+    ``verbose``: show the raylet's reports (a dead worker's, many lines) as Ray prints
+    them; otherwise they go to this module's logger at debug level, and
+    :func:`separate_on_ray` says in one line what happened. The workers' own output is
+    shown either way.
 
     Raises:
         ConfigError: Ray is not installed, or no cluster answers at ``address``.
@@ -97,10 +120,11 @@ def connect(address: str | None = None) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
+    target = _reachable_address(address)
     main = threading.current_thread() is threading.main_thread()
     handlers = {n: signal.getsignal(n) for n in _KEPT_SIGNALS} if main else {}
     try:
-        ray.init(address=address or None, logging_level="WARNING", log_to_driver=True)
+        ray.init(address=target, logging_level="WARNING", log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         where = f" at {address}" if address else ""
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -111,6 +135,103 @@ def connect(address: str | None = None) -> None:
                 signal.signal(number, _Relay(handler))
             elif handler is not None:
                 signal.signal(number, handler)
+    if not verbose:
+        _quiet_raylet_messages()
+
+
+def _reachable_address(address: str | None) -> str | None:
+    """Return what to pass to ``ray.init`` once a TCP connection shows a Ray may answer.
+
+    Raises:
+        ConfigError: nothing answers at the address given, at ``RAY_ADDRESS``, or (for
+            ``auto``) at the address of ``ray_current_cluster``.
+    """
+    if address == "local":
+        return address
+    if address in (None, "", "auto"):
+        from_env = os.environ.get("RAY_ADDRESS", "")
+        if from_env:
+            _probe(from_env, f"{from_env} (RAY_ADDRESS)")
+            return from_env
+        recorded, file = _recorded_address()
+        if recorded is None:
+            return address or None  # Ray starts one (None) or looks for one (auto)
+        try:
+            _probe(recorded, f"{recorded}, the Ray recorded in {file}")
+        except ConfigError:
+            if address == "auto":
+                raise
+            log.warning(
+                "the Ray recorded in %s (%s) does not answer: starting a new one here",
+                file,
+                recorded,
+            )
+            return "local"
+        return recorded
+    _probe(address, address)
+    return address
+
+
+def _recorded_address() -> tuple[str | None, str]:
+    """Return the address in Ray's ``ray_current_cluster`` file (None: none) and its path."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        file = get_ray_address_file(None)
+    except (ImportError, AttributeError):  # as Ray 2.60 finds it
+        base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        file = os.path.join(base, "ray", "ray_current_cluster")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            return fh.read().strip() or None, file
+    except OSError:
+        return None, file
+
+
+def _probe(address: str, shown: str) -> None:
+    """Open (and close) a TCP connection to ``address``'s host and port.
+
+    Raises:
+        ConfigError: ``cannot connect to Ray at <shown>: ...`` when nothing answers.
+    """
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        return  # not host:port: Ray says what is wrong with it
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT):
+            pass
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ConfigError(f"cannot connect to Ray at {shown}: {why}") from None
+
+
+def _quiet_raylet_messages() -> None:
+    """Send the raylet's error reports (a dead worker's, many lines) to the debug log.
+
+    Ray's driver prints them in colour on its standard output; :func:`separate_on_ray`
+    says what happened in one line of its own. Ray's private hook is left alone if it
+    is not where Ray 2.60 has it.
+    """
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._private import worker
+
+        printer = worker.print_to_stdstream
+        if getattr(printer, "_splitstems_quiet", False):
+            return
+
+        def quiet(data: dict[str, Any], ignore_prefix: bool) -> None:
+            if data.get("pid") == "raylet":
+                for line in data.get("lines", []):
+                    log.debug("ray: %s", line)
+                return
+            printer(data, ignore_prefix)
+
+        quiet._splitstems_quiet = True  # type: ignore[attr-defined]
+        worker.print_to_stdstream = quiet
 
 
 class _Relay:
@@ -310,6 +431,7 @@ class _Manifest:
         self.path = root / MANIFEST
         self.earlier = read_manifest(self.path)
         self.lines: dict[str, tuple[int, dict[str, Any]]] = {}  # path → (input's index, line)
+        self.made = [p for p in (root, *root.parents) if not p.exists()]  # folders made here
         try:
             root.mkdir(parents=True, exist_ok=True)
             self.fh: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
@@ -317,7 +439,14 @@ class _Manifest:
             raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
 
     def add(self, index: int, line: dict[str, Any]) -> None:
-        """Append the line of input ``index`` (flushed: a killed driver leaves it)."""
+        """Append the line of input ``index`` (flushed: a killed driver leaves it).
+
+        A ``skipped`` input keeps the figures of the run that made its stems (compute
+        seconds, worker, attempts, finished), as its earlier line has them.
+        """
+        earlier = self.earlier.get(line["path"], {})
+        if line["status"] == "skipped" and earlier.get("status") in ("done", "skipped"):
+            line.update({k: earlier[k] for k in _CARRIED if k in earlier})
         self.lines[line["path"]] = (index, line)
         if self.fh is not None:
             self.fh.write(json.dumps(line) + "\n")
@@ -334,6 +463,8 @@ class _Manifest:
             with contextlib.suppress(OSError):
                 if self.path.stat().st_size == 0:
                     self.path.unlink()
+                for folder in self.made:  # nor an empty -o this run made
+                    folder.rmdir()
             return
         ours = [line for _, line in sorted(self.lines.values(), key=lambda item: item[0])]
         text = "".join(json.dumps(line) + "\n" for line in [*kept.values(), *ours])
@@ -463,12 +594,18 @@ def separate_on_ray(
     start = time.perf_counter()
     config = load_config(params)
     given = list(files)
-    n_actors = workers or pool_size(
-        ray.cluster_resources(),
-        cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker,
-        n_tasks=len(given),
-    )
+    absolute = [path.absolute() for path in given]
+    unseen = {i: why for i, path in enumerate(absolute) if (why := _unseen(path)) is not None}
+    n_left = len(given) - len(unseen)  # the inputs that need a worker
+    n_actors = 0
+    if n_left:
+        n_actors = min(workers, n_left) if workers else 0
+        n_actors = n_actors or pool_size(
+            ray.cluster_resources(),
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            n_tasks=n_left,
+        )
     options = dict(separator_options or {})
     if options.get("threads") is None and cpus_per_worker >= 1:
         options["threads"] = int(cpus_per_worker)
@@ -487,7 +624,6 @@ def separate_on_ray(
     report = ClusterReport(workers=n_actors)
     ended: dict[int, ClusterResult] = {}  # input's index → its result
     manifest = _Manifest(root)
-    absolute: list[Path] = []
     groups: list[list[int]] = []  # inputs whose stems may clash go together
     attempts: list[int] = []  # per group
     pending: deque[int] = deque()  # groups to hand out
@@ -522,12 +658,16 @@ def separate_on_ray(
     try:
         for _ in range(n_actors):  # they load the model while the inputs are planned
             start_actor()
-        absolute[:] = [path.absolute() for path in given]
         groups[:] = _groups(
             absolute, root, config.instruments, codec=codec, filename_format=filename_format
         )
         attempts[:] = [0] * len(groups)
-        pending.extend(range(len(groups)))
+        for group, members in enumerate(groups):
+            if all(i in unseen for i in members):  # missing here: no worker needed
+                for i in members:
+                    finish(i, ClusterResult(given[i], "failed", f"{given[i]}: {unseen[i]}"), group)
+            else:
+                pending.append(group)
         while pending or running:
             while idle and pending:
                 actor, group = idle.pop(), pending.popleft()
@@ -569,6 +709,15 @@ def separate_on_ray(
                             f"while separating it ({_first_line(exc)})",
                         )
                     else:
+                        inputs = ", ".join(str(given[i]) for i in groups[group])
+                        log.warning(
+                            "%s: its Ray worker %s died (%s); retrying (attempt %d of %d)",
+                            inputs,
+                            names.get(actor, "?"),
+                            _first_line(exc),
+                            attempts[group] + 1,
+                            retries + 1,
+                        )
                         pending.appendleft(group)
                     continue
                 except RayError as exc:  # an unexpected error of the file: not retried
@@ -597,6 +746,23 @@ def separate_on_ray(
         manifest.close()
     report.results = [ended[index] for index in sorted(ended)]
     return report
+
+
+def _unseen(path: Path) -> str | None:
+    """Why ``path`` fails, when the driver sees it at once (missing, a folder); else None.
+
+    One ``stat`` per input, as listing a folder costs; a worker looks at the rest.
+    """
+    if any(c in str(path) for c in "*?["):
+        return None  # a pattern that matched nothing: the batch says so
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            return "folder holds no audio files"  # as expand_inputs kept it
+    except FileNotFoundError:
+        return "file not found"
+    except OSError:
+        return None
+    return None
 
 
 def _wait_gone(workers: Sequence[str]) -> None:

@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from splitstems.cluster import connect, disconnect, separate_on_ray
 
-        connect(args.ray or None)
+        connect(args.ray or None, verbose=args.verbose)
         try:
             batch = separate_on_ray(
                 args.params,
