@@ -29,9 +29,13 @@ def page(browser, server: Server) -> Iterator[tuple[object, list[str]]]:
     context = browser.new_context(accept_downloads=True, viewport={"width": 1000, "height": 640})
     tab = context.new_page()
     problems: list[str] = []
-    tab.on(
-        "console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type == "error" else None
-    )
+
+    def console(message) -> None:  # noqa: ANN001
+        if message.type == "error":
+            url = message.location.get("url", "") if message.location else ""
+            problems.append(f"{message.type}: {message.text}" + (f" [{url}]" if url else ""))
+
+    tab.on("console", console)
     tab.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
     tab.goto(server.url + "/")
     tab.wait_for_selector(
@@ -196,7 +200,9 @@ def test_a_song_removed_elsewhere_is_marked_and_remove_keeps_the_focus(
             assert tab.evaluate(focused) == ids[k + 1]
     assert tab.evaluate("document.activeElement.id") == "files"
     assert tab.locator("#empty").is_visible()
-    assert problems == []
+    # the removed song's own URLs may answer 404 (how the page can learn it is gone): only those
+    gone_404 = [p for p in problems if "status of 404" in p and f"/{ids[0]}" in p]
+    assert [p for p in problems if p not in gone_404] == []
 
 
 def test_a_model_the_server_cannot_load_is_reported_and_marked(
