@@ -352,7 +352,7 @@ def test_input_device_to_speakers_and_files_with_recorded_callbacks(
     with wave.open(str(tmp_path / "out" / "vocals.wav")) as saved:
         assert saved.getnframes() == len(recorded)  # every recorded sample, separated
         pcm = np.frombuffer(saved.readframes(saved.getnframes()), "<i2").reshape(-1, 2)
-    np.testing.assert_allclose(pcm / 32767, expected["vocals"], atol=2e-4)
+    np.testing.assert_allclose(pcm / 32768, expected["vocals"], atol=2e-4)
     # the speakers got the vocals in order, with silence wherever the player ran dry
     played = np.concatenate(fake.played)
     played = played[np.any(played != 0, axis=1)]

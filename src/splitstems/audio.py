@@ -1147,19 +1147,28 @@ def _parse_bitrate(bitrate: int | str) -> int:
     return value
 
 
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples → 16-bit integers, as FFmpeg's flt→s16 makes them.
+
+    ``lrintf(x * 2**15)``, clipped to the int16 range; NaN becomes 0 and ±inf full scale.
+    Every 16-bit output (files, and the raw or WAV streams of ``splitstems stream``) uses it.
+    """
+    clean = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.rint(clean * np.float32(32768)), -32768, 32767).astype(np.int16)
+
+
 def _to_encoder_array(data: np.ndarray, sample_format: str) -> np.ndarray:
     """Float32 ``(n, channels)`` → the layout ``AudioFrame.from_ndarray`` wants."""
     planar = sample_format.endswith("p")
     base = sample_format.rstrip("p")
     if base == "flt":
         out = data
-    else:
+    elif base == "s16":
+        out = to_pcm16(data)
+    else:  # s32 carrying 24-bit samples (pcm_s24le, 24-bit flac)
         clean = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
-        if base == "s16":  # what FFmpeg's flt→s16 does: lrintf(x * 2**15), clipped
-            out = np.clip(np.rint(clean * np.float32(32768)), -32768, 32767).astype(np.int16)
-        else:  # s32 carrying 24-bit samples (pcm_s24le, 24-bit flac)
-            ints = np.clip(np.rint(clean * np.float32(2**23)), -(2**23), 2**23 - 1)
-            out = ints.astype(np.int32) << 8
+        ints = np.clip(np.rint(clean * np.float32(2**23)), -(2**23), 2**23 - 1)
+        out = ints.astype(np.int32) << 8
     if planar:
         return np.ascontiguousarray(out.T)
     return np.ascontiguousarray(out).reshape(1, -1)

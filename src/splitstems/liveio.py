@@ -30,6 +30,7 @@ import av
 import numpy as np
 import soxr
 
+from splitstems.audio import to_pcm16
 from splitstems.errors import AudioError, OutputError
 
 __all__ = [
@@ -168,7 +169,7 @@ class StreamResampler:
 
 
 def _pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    return to_pcm16(samples).astype("<i2").tobytes()
 
 
 class PcmWriter:
