@@ -744,22 +744,50 @@ def _chain_one(first: av.AudioFrame, rest: Iterator[av.AudioFrame]) -> Iterator[
     yield from rest
 
 
+class StreamResampler:
+    """soxr's streaming resampler (float32, the project's quality), block by block.
+
+    Passes blocks through unchanged when the rates agree. The one resampler of decoding,
+    encoding and ``splitstems stream``.
+    """
+
+    def __init__(self, rate_in: int, rate_out: int, n_channels: int) -> None:
+        self.n_channels = n_channels
+        self._soxr = None
+        if rate_in != rate_out:
+            self._soxr = soxr.ResampleStream(
+                rate_in, rate_out, n_channels, dtype="float32", quality=_RESAMPLE_QUALITY
+            )
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """Resample the next ``(n, channels)`` block (output may lag by the filter)."""
+        if self._soxr is None:
+            return block
+        out = self._soxr.resample_chunk(np.ascontiguousarray(block), last=False)
+        return out.reshape(-1, self.n_channels)
+
+    def flush(self) -> np.ndarray:
+        """Return what the filter still holds."""
+        empty = np.zeros((0, self.n_channels), np.float32)
+        if self._soxr is None:
+            return empty
+        return self._soxr.resample_chunk(empty, last=True).reshape(-1, self.n_channels)
+
+
 def _resampled(
     chunks: Iterable[np.ndarray], rate_in: int, rate_out: int, n_channels: int
 ) -> Iterator[np.ndarray]:
     if rate_in == rate_out:
         yield from chunks
         return
-    resampler = soxr.ResampleStream(
-        rate_in, rate_out, n_channels, dtype="float32", quality=_RESAMPLE_QUALITY
-    )
+    resampler = StreamResampler(rate_in, rate_out, n_channels)
     for chunk in chunks:
-        out = resampler.resample_chunk(np.ascontiguousarray(chunk), last=False)
+        out = resampler.push(chunk)
         if len(out):
-            yield out.reshape(-1, n_channels)
-    out = resampler.resample_chunk(np.zeros((0, n_channels), np.float32), last=True)
+            yield out
+    out = resampler.flush()
     if len(out):
-        yield out.reshape(-1, n_channels)
+        yield out
 
 
 def _check_read_args(
@@ -1095,9 +1123,7 @@ def check_encoding(
         target = _target(f"output.{codec}", codec, depth, sample_rate)
         if target.lossy:
             rate = target.encode_rate or sample_rate
-            value = _check_bitrate(
-                target, _parse_bitrate(chosen), rate, n_channels, bitrate=chosen
-            )
+            value = _check_bitrate(target, _parse_bitrate(chosen), rate, n_channels, bitrate=chosen)
             _try_encoder(target, rate, n_channels, value, chosen)
             if bit_depth is not None:
                 warnings.append(f"codec {codec}: lossy, the bit depth {bit_depth} is ignored")
@@ -1236,13 +1262,7 @@ class AudioWriter:
                 raise AudioError(f"{name}: {exc}") from None
         self._resampler = None
         if self._rate != self.sample_rate:
-            self._resampler = soxr.ResampleStream(
-                self.sample_rate,
-                self._rate,
-                self.n_channels,
-                dtype="float32",
-                quality=_RESAMPLE_QUALITY,
-            )
+            self._resampler = StreamResampler(self.sample_rate, self._rate, self.n_channels)
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
         self._n_written = 0
@@ -1323,13 +1343,9 @@ class AudioWriter:
             raise ValueError(f"expected a float waveform, got dtype {data.dtype}")
         data = data.astype(np.float32, copy=False)
         if self._resampler is not None:
-            data = self._resample(data, last=False)
+            data = self._resampler.push(data)
         self._queue(data)
         self._encode_full_frames(final=False)
-
-    def _resample(self, data: np.ndarray, *, last: bool) -> np.ndarray:
-        out = self._resampler.resample_chunk(np.ascontiguousarray(data), last=last)
-        return out.reshape(-1, self.n_channels)
 
     def _queue(self, data: np.ndarray) -> None:
         if len(data):
@@ -1379,8 +1395,7 @@ class AudioWriter:
             return
         try:
             if self._resampler is not None:
-                empty = np.zeros((0, self.n_channels), np.float32)
-                self._queue(self._resample(empty, last=True))
+                self._queue(self._resampler.flush())
             self._encode_full_frames(final=True)
             self._encode(None)
             try:

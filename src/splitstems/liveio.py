@@ -28,16 +28,14 @@ from typing import Any, BinaryIO
 
 import av
 import numpy as np
-import soxr
 
-from splitstems.audio import to_pcm16
+from splitstems.audio import StreamResampler, to_pcm16
 from splitstems.errors import AudioError, OutputError
 
 __all__ = [
     "RAW_FORMATS",
     "raw_blocks",
     "decoded_blocks",
-    "StreamResampler",
     "PcmWriter",
     "WavStreamWriter",
     "GrowingWav",
@@ -140,32 +138,6 @@ def decoded_blocks(
 
 def _reason(exc: BaseException) -> str:
     return " ".join(str(getattr(exc, "strerror", None) or exc or type(exc).__name__).split())
-
-
-class StreamResampler:
-    """soxr's streaming resampler, or nothing when the rates agree."""
-
-    def __init__(self, rate_in: int, rate_out: int, n_channels: int) -> None:
-        self.n_channels = n_channels
-        self._soxr = None
-        if rate_in != rate_out:
-            self._soxr = soxr.ResampleStream(
-                rate_in, rate_out, n_channels, dtype="float32", quality="HQ"
-            )
-
-    def push(self, block: np.ndarray) -> np.ndarray:
-        """Resample the next ``(n, channels)`` block (output may lag by the filter)."""
-        if self._soxr is None:
-            return block
-        out = self._soxr.resample_chunk(np.ascontiguousarray(block), last=False)
-        return out.reshape(-1, self.n_channels)
-
-    def flush(self) -> np.ndarray:
-        """Return what the filter still holds."""
-        if self._soxr is None:
-            return np.zeros((0, self.n_channels), np.float32)
-        empty = np.zeros((0, self.n_channels), np.float32)
-        return self._soxr.resample_chunk(empty, last=True).reshape(-1, self.n_channels)
 
 
 def _pcm16(samples: np.ndarray) -> bytes:

@@ -26,8 +26,8 @@ from splitstems.cli.options import (
 from splitstems.errors import AudioError, SplitstemsError
 
 if TYPE_CHECKING:
+    from splitstems.audio import StreamResampler
     from splitstems.live import LiveSeparator
-    from splitstems.liveio import StreamResampler
 
 #: Input blocks waiting for the separation, at most (each up to 32 KiB of input).
 QUEUE_BLOCKS = 64
@@ -152,7 +152,7 @@ class _Outputs:
     def __init__(
         self, writers: dict[str, list[object]], *, rate: int, n_channels: int, model_rate: int
     ) -> None:
-        from splitstems.liveio import StreamResampler
+        from splitstems.audio import StreamResampler
 
         self.writers = writers
         self.n_channels = n_channels
@@ -274,8 +274,7 @@ def _pump(
     device_in: object,
 ) -> int:
     """Move blocks from the reader through the live separator to the outputs."""
-    from splitstems.audio import to_channels
-    from splitstems.liveio import StreamResampler
+    from splitstems.audio import StreamResampler, to_channels
 
     to_model = StreamResampler(rate, model_rate, n_channels)
     n_in = 0
