@@ -252,9 +252,15 @@ class Separator:
         digest = hashlib.sha256(
             json.dumps(self.config.to_json_dict(), sort_keys=True).encode("utf-8")
         )
-        # the tensors, not the file: its metadata (source path, key order) varies
+        # the tensors, not the file: its metadata (source path, key order) varies. An ONNX
+        # graph is the file: the sha256 its config records (checked against the file when
+        # it was loaded) is already in the config hashed above; hash the file only if none.
         path = self.weights_path
-        digest.update((sha256(path) if path.suffix == ".onnx" else tensor_digest(path)).encode())
+        if path.suffix == ".onnx":
+            if not (self.config.to_json_dict().get("onnx") or {}).get("sha256"):
+                digest.update(sha256(path).encode())
+        else:
+            digest.update(tensor_digest(path).encode())
         return digest.hexdigest()[:16]
 
     @property
