@@ -9,7 +9,13 @@ import pytest
 
 from splitstems import audio
 from splitstems.config import load_config
-from splitstems.live import LIVE_SETTINGS, LiveEngine, LiveSeparator, LiveSettings, settings_for
+from splitstems.live import (
+    LIVE_SETTINGS,
+    LiveEngine,
+    LiveSeparator,
+    LiveSettings,
+    settings_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +43,11 @@ def _push_in_blocks(
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, counts
 
 
-def test_settings_for_half_a_second_is_the_issues_setting_within_the_budget() -> None:
+def test_settings_for_half_a_second_is_the_best_measured_within_the_budget() -> None:
     config = load_config("spleeter:2stems")
     chosen = settings_for(0.5, config)
-    assert chosen == LiveSettings(window=64, hop=8, lookahead=8)
+    assert chosen == LiveSettings(window=128, hop=4, lookahead=14)
+    assert settings_for(0.45, config) == LiveSettings(window=64, hop=8, lookahead=8)
     assert chosen.delay(config) <= 0.5
     # the longest delay that fits: nothing in the table between it and 0.5 s
     assert not [s for s in LIVE_SETTINGS if chosen.delay(config) < s.delay(config) <= 0.5]
@@ -142,3 +149,35 @@ def test_live_input_is_checked_and_mono_is_duplicated(separator_2stems, music: n
         vocals = np.concatenate([out[name], rest[name]])
         assert vocals.shape == (50000, 2)
         np.testing.assert_array_equal(vocals, np.concatenate([stereo_out[name], stereo_rest[name]]))
+
+
+def test_windows_near_the_start_shrink_to_a_multiple_of_64_and_hold_the_decided_frames(
+    separator_2stems, music: np.ndarray
+) -> None:
+    live = LiveSeparator(separator_2stems.engine, settings=LiveSettings(256, 4, 14))
+    sizes = {end: live._window_size(end) for end in (18, 64, 65, 130, 255, 256, 900)}
+    assert sizes == {18: 64, 64: 64, 65: 128, 130: 192, 255: 256, 256: 256, 900: 256}
+    settings = LiveSettings(128, 8, 8)
+    # a stream's first windows are mostly mirror image with a full-size window; shrunk,
+    # the stems of its first second differ from what the full window gives, and the
+    # rest of the stream (windows past frame 128) is the same
+    shrunk = LiveEngine(separator_2stems.engine, settings=settings)
+    stems = shrunk.separate(music)
+
+    class FullSize(LiveSeparator):
+        def _window_size(self, end: int) -> int:
+            return self.settings.window
+
+    import splitstems.live as live_module
+
+    original = live_module.LiveSeparator
+    live_module.LiveSeparator = FullSize
+    try:
+        full = LiveEngine(separator_2stems.engine, settings=settings).separate(music)
+    finally:
+        live_module.LiveSeparator = original
+    start, after = slice(0, 44100), slice(128 * 1024 + 4096, None)
+    for name in stems:
+        assert stems[name].shape == full[name].shape == music.shape
+        assert np.abs(stems[name][start] - full[name][start]).max() > 1e-3
+        np.testing.assert_allclose(stems[name][after], full[name][after], rtol=0, atol=1e-5)
