@@ -205,3 +205,40 @@ def test_cli_threads_option(tmp_path, capsys):
         main(["separate", "--threads", "0", "-o", str(tmp_path / "out"), str(song)])
     assert stop.value.code == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_one_thread_sets_one_and_restores_even_on_errors():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with device.one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), device.one_thread():
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_models_are_built_and_fused_on_one_thread_then_the_engines_count(monkeypatch):
+    # hundreds of small copies: threads splitting each only wait for each other, which on
+    # a busy machine made a model's set-up take seconds (see device.one_thread)
+    import splitstems.engine as engine_module
+
+    seen = []
+    real = engine_module.fuse_for_inference
+
+    def spy(model):
+        seen.append(torch.get_num_threads())
+        return real(model)
+
+    monkeypatch.setattr(engine_module, "fuse_for_inference", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.manual_seed(0)
+        engine = Engine(SpleeterModel(TINY), TINY, device="cpu", threads=2)
+        assert seen == [1]
+        assert torch.get_num_threads() == engine.threads == 2
+    finally:
+        torch.set_num_threads(before)

@@ -41,6 +41,7 @@ from splitstems.device import (
     baseline_threads,
     check_threads,
     load_meter,
+    one_thread,
     pick_device,
     plan_threads,
     set_threads,
@@ -166,7 +167,6 @@ class Engine:
             )
         if self._threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
             self._threads = self._baseline  # the user's choice: keep it
-        set_threads(self.threads)
         load_meter()  # from now on, the load of other processes is watched
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -177,11 +177,13 @@ class Engine:
             self.dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         self.overlap_frames = overlap_frames(overlap, config.T)
         # The engine's own copy: the caller's model keeps its mode, dtype and device.
-        if isinstance(model, SpleeterModel) and fuse:
-            network = fuse_for_inference(model)  # new tensors; the model is not changed
-        else:
-            network = copy.deepcopy(model)
-        self.model = network.eval().to(device=self.device, dtype=self.dtype)
+        with one_thread():  # many small copies (see one_thread)
+            if isinstance(model, SpleeterModel) and fuse:
+                network = fuse_for_inference(model)  # new tensors; the model is not changed
+            else:
+                network = copy.deepcopy(model)
+            self.model = network.eval().to(device=self.device, dtype=self.dtype)
+        set_threads(self.threads)
         self.batch_segments = max(1, int(batch_segments))
         self.mask_extension = mask_extension or config.mask_extension
         self.window = dsp.hann_window(config.frame_length, device=self.device)

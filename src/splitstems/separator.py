@@ -22,6 +22,7 @@ import torch
 
 from splitstems import audio, hub
 from splitstems.config import ModelConfig, load_config
+from splitstems.device import one_thread
 from splitstems.engine import Engine, OrderedWorker
 from splitstems.errors import AudioError, ConfigError, OutputError
 from splitstems.live import DEFAULT_LATENCY, LiveEngine, LiveSeparator
@@ -82,9 +83,10 @@ def _load_model(
         onnx_model = load_exported(config)
         return onnx_model, config, onnx_model.path  # type: ignore[return-value]
     weights = hub.resolve_weights(config, model_dir=model_dir, download=download, progress=progress)
-    with uninitialised():  # every parameter is loaded next
-        model = SpleeterModel(config)
-    model.load_weights(read_weights(weights), source=str(weights))
+    with one_thread():  # many small copies (see one_thread)
+        with uninitialised():  # every parameter is loaded next
+            model = SpleeterModel(config)
+        model.load_weights(read_weights(weights), source=str(weights))
     return model.eval(), config, Path(weights)
 
 
