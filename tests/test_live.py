@@ -46,7 +46,8 @@ def _push_in_blocks(
 def test_settings_for_half_a_second_is_the_best_measured_within_the_budget() -> None:
     config = load_config("spleeter:2stems")
     chosen = settings_for(0.5, config)
-    assert chosen == LiveSettings(window=128, hop=4, lookahead=14)
+    assert chosen == LiveSettings(128, 4, 15, partial=1, blend=(0.75, 0.25))
+    assert chosen.delay_samples(config) == 21504  # (4 + 15 - 1 - 1) * 1024 + 4096
     assert settings_for(0.45, config) == LiveSettings(window=64, hop=8, lookahead=8)
     assert chosen.delay(config) <= 0.5
     # the longest delay that fits: nothing in the table between it and 0.5 s
@@ -57,6 +58,13 @@ def test_settings_for_half_a_second_is_the_best_measured_within_the_budget() -> 
         settings_for(float("nan"), config)
     with pytest.raises(ValueError, match="multiple of 64"):
         LiveSettings(window=100, hop=8, lookahead=8)
+    with pytest.raises(ValueError, match="partial must be 0 or 1"):
+        LiveSettings(128, 4, 15, partial=2)
+    for bad in ((), (1.0, 0.0), (1.0, float("nan"))):
+        with pytest.raises(ValueError, match="positive weights"):
+            LiveSettings(128, 4, 15, blend=bad)
+    with pytest.raises(ValueError, match="earlier window must still hold"):
+        LiveSettings(128, 4, 6, blend=(0.5, 0.3, 0.2))  # 2 windows back: 8 frames > 6
 
 
 def test_live_on_the_offline_grid_equals_the_offline_engine_sample_for_sample(
@@ -181,3 +189,50 @@ def test_windows_near_the_start_shrink_to_a_multiple_of_64_and_hold_the_decided_
         assert stems[name].shape == full[name].shape == music.shape
         assert np.abs(stems[name][start] - full[name][start]).max() > 1e-3
         np.testing.assert_allclose(stems[name][after], full[name][after], rtol=0, atol=1e-5)
+
+
+def _live_output(separator, settings: LiveSettings, data: np.ndarray) -> dict[str, np.ndarray]:
+    live = LiveSeparator(separator.engine, settings=settings)
+    first = live.push(data)
+    return {k: np.concatenate([first[k], v]) for k, v in live.flush().items()}
+
+
+def test_blend_is_the_weighted_mean_of_the_newest_and_the_earlier_windows_masks(
+    separator_2stems, music: np.ndarray
+) -> None:
+    # Stems are linear in the masks, and the window before the newest sees a run's frames
+    # as a window with hop frames less look-ahead sees them: so blending (0.75, 0.25) gives
+    # 0.75 x (look-ahead 15) + 0.25 x (look-ahead 11), after the stream's first run (which
+    # has no earlier window), with the partial samples included.
+    data = music[: 44100 * 2]
+    blended = _live_output(
+        separator_2stems, LiveSettings(128, 4, 15, partial=1, blend=(0.75, 0.25)), data
+    )
+    newest = _live_output(separator_2stems, LiveSettings(128, 4, 15, partial=1), data)
+    earlier = _live_output(separator_2stems, LiveSettings(128, 4, 11, partial=1), data)
+    after_first_run = slice(4 * 1024, None)
+    for name in blended:
+        mixed = 0.75 * newest[name] + 0.25 * earlier[name]
+        assert np.abs(blended[name] - newest[name])[after_first_run].max() > 1e-3
+        np.testing.assert_allclose(
+            blended[name][after_first_run], mixed[after_first_run], rtol=0, atol=2e-6
+        )
+
+
+def test_partial_samples_are_the_renormalised_sum_without_the_newest_frame(
+    separator_2stems, music: np.ndarray
+) -> None:
+    # partial=1 changes only the frame step of samples after each run's decided frames
+    # (made without the next frame, then renormalised); everywhere else the stems are
+    # those of partial=0, and there they stay close (that frame's window is small there).
+    data = music[: 44100 * 2]
+    with_partial = _live_output(separator_2stems, LiveSettings(128, 4, 15, partial=1), data)
+    without = _live_output(separator_2stems, LiveSettings(128, 4, 15), data)
+    positions = np.arange(len(data)) + 4096  # padded positions (the model's 4096 zeros first)
+    early = (positions // 1024) % 4 == 0  # [D*H, (D+1)*H) for every run's D (multiples of 4)
+    for name in with_partial:
+        a, b = with_partial[name], without[name]
+        np.testing.assert_allclose(a[~early], b[~early], rtol=0, atol=1e-6)
+        error = np.sum((a[early] - b[early]) ** 2)
+        assert error > 0  # they were made another way
+        assert 10 * np.log10(np.sum(b[early] ** 2) / error) > 25  # and close

@@ -434,6 +434,15 @@ class Engine:
         others zero (so the inverse FFT needs no zero padding of its own).
         """
         masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
+        return self.mask_stems(masks, spec, out=out)
+
+    def mask_stems(
+        self, masks: torch.Tensor, spec: torch.Tensor, *, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Ratio masks (I, C, n, F) times the mixture STFT (C, n, bins) → stem STFTs in ``out``.
+
+        As :meth:`apply_masks`, for masks computed already (the live path blends them).
+        """
         if self.mask_extension == "zeros":
             spec = spec[..., : masks.shape[-1]]
         else:

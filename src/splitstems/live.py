@@ -57,21 +57,38 @@ class LiveSettings:
         window: STFT frames the U-Nets see at once (a multiple of 64).
         hop: frames decided by each model run (model runs per frame: ``1 / hop``).
         lookahead: frames after the decided ones that the window still sees.
+        partial: 0, or 1 to hand out the frame step of samples after the decided frames
+            at once, without the one frame that only starts there (its analysis window is
+            near zero over them; the others are renormalised): one frame step less
+            delay, so one frame more look-ahead at the same delay.
+        blend: weights of the ratio masks a frame gets from the newest window and the
+            ones before it (which saw ``hop``, ``2 * hop`` ... frames less of what
+            follows it); ``(1.0,)``: the newest window's alone.
     """
 
     window: int
     hop: int
     lookahead: int
+    partial: int = 0
+    blend: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.window % WINDOW_MULTIPLE:
             raise ValueError(f"window must be a multiple of {WINDOW_MULTIPLE} frames: {self}")
         if self.hop < 1 or self.lookahead < 0 or self.hop + self.lookahead > self.window:
             raise ValueError(f"need hop >= 1, lookahead >= 0, hop + lookahead <= window: {self}")
+        if self.partial not in (0, 1):
+            raise ValueError(f"partial must be 0 or 1: {self}")
+        weights = self.blend
+        if not weights or not all(isinstance(w, int | float) and 0 < w < math.inf for w in weights):
+            raise ValueError(f"blend needs one or more positive weights: {self}")
+        if (len(weights) - 1) * self.hop > self.lookahead:
+            raise ValueError(f"blend: each earlier window must still hold the frames: {self}")
 
     def delay_samples(self, config: ModelConfig) -> int:
         """Worst-case algorithmic delay in samples: input in to its stems out."""
-        return (self.hop + self.lookahead - 1) * config.frame_step + config.frame_length
+        frames = self.hop + self.lookahead - 1 - self.partial
+        return frames * config.frame_step + config.frame_length
 
     def delay(self, config: ModelConfig) -> float:
         """Worst-case algorithmic delay in seconds."""
@@ -94,7 +111,7 @@ LIVE_SETTINGS: tuple[LiveSettings, ...] = (
     LiveSettings(window=64, hop=4, lookahead=4),
     LiveSettings(window=64, hop=8, lookahead=4),
     LiveSettings(window=64, hop=8, lookahead=8),
-    LiveSettings(window=128, hop=4, lookahead=14),
+    LiveSettings(window=128, hop=4, lookahead=15, partial=1, blend=(0.75, 0.25)),
     LiveSettings(window=128, hop=8, lookahead=24),
 )
 
@@ -163,6 +180,11 @@ class LiveSeparator:
         self._hop, self._n_fft = cfg.frame_step, cfg.frame_length
         self._device = engine.device
         self.threads = threads or engine.threads_given or 1
+        if self.settings.partial and self._n_fft % self._hop:
+            raise ValueError("partial needs a frame length that is a multiple of the frame step")
+        # the partial samples' gain: all frames' squared windows over those of the frames in
+        squared = (engine.window**2).reshape(-1, self._hop)
+        self._partial_gain = squared.sum(0) / (squared.sum(0) - squared[0])
         self.reset()
 
     @property
@@ -203,6 +225,7 @@ class LiveSeparator:
         self._spec = torch.zeros(n_ch, 0, cfg.n_bins, dtype=torch.complex64, device=dev)
         self._tail = torch.zeros(n_inst, n_ch, self._n_fft - self._hop, device=dev)
         self._emitted = 0  # padded position of the next output sample
+        self._earlier: list[torch.Tensor] = []  # earlier windows' masks, for the blend
         self._stems = torch.zeros(
             n_inst, n_ch, s.hop * self.batch, cfg.n_bins, dtype=torch.complex64, device=dev
         )
@@ -322,11 +345,14 @@ class LiveSeparator:
         return torch.cat([mirrored, known], dim=1)
 
     def _estimates(self, ends: list[int], first_mag: int) -> torch.Tensor:
-        """Estimates of the frames decided by the windows ending at ``ends``: (n, I, C, hop, F).
+        """Estimates of the windows ending at ``ends``: (n, I, C, len(blend) * hop, F).
 
-        Windows of one size run as one batch (all but the stream's first ones).
+        Of each window, its decided frames and the ``hop`` frames after them for every
+        later window the blend gives them to. Windows of one size run as one batch (all but
+        the stream's first ones).
         """
         s = self.settings
+        span = len(s.blend) * s.hop
         sizes = [self._window_size(end) for end in ends]
         groups: list[torch.Tensor] = []
         begin = 0
@@ -337,31 +363,61 @@ class LiveSeparator:
                 stop += 1
             windows = torch.stack([self._window(e, first_mag, size) for e in ends[begin:stop]])
             lo = size - s.lookahead - s.hop
-            groups.append(self.engine.estimate(windows)[:, :, :, lo : lo + s.hop])
+            groups.append(self.engine.estimate(windows)[:, :, :, lo : lo + span])
             begin = stop
         return groups[0] if len(groups) == 1 else torch.cat(groups)
 
-    def _decide(self, n_runs: int, *, limit: int | None) -> Iterator[torch.Tensor]:
+    def _masks(self, ends: list[int], first_mag: int) -> torch.Tensor:
+        """Ratio masks of the frames the windows ending at ``ends`` decide: (I, C, n, F)."""
         s = self.settings
+        estimates = self._estimates(ends, first_mag).transpose(0, 1)  # (I, runs, C, span, F)
+        masks = dsp.ratio_masks(estimates, exponent=self.config.separation_exponent)
+        if len(s.blend) > 1:
+            blended = []
+            for run in range(masks.shape[1]):  # in stream order: each blends the ones before
+                newest = masks[:, run]
+                mask, total = s.blend[0] * newest[:, :, : s.hop], s.blend[0]
+                for weight, earlier in zip(s.blend[1:], self._earlier, strict=False):
+                    mask, total = mask + weight * earlier[:, :, : s.hop], total + weight
+                blended.append(mask / total)
+                # what this and the earlier windows say of the frames the next run decides
+                self._earlier = [m[:, :, s.hop :] for m in (newest, *self._earlier)]
+                self._earlier = self._earlier[: len(s.blend) - 1]
+            masks = torch.stack(blended, dim=1)
+        else:
+            masks = masks[:, :, :, : s.hop]
+        # (I, runs, C, hop, F) -> (I, C, runs * hop, F), frames in stream order
+        return masks.transpose(1, 2).flatten(2, 3)
+
+    def _decide(self, n_runs: int, *, limit: int | None) -> Iterator[torch.Tensor]:
+        s, step = self.settings, self._hop
         first_mag = self._n_frames - self._mag.shape[1]  # frame index of self._mag[:, 0]
         ends = [self._decided + (k + 1) * s.hop + s.lookahead for k in range(n_runs)]
-        decided = self._estimates(ends, first_mag)  # (n_runs, I, C, hop, F)
+        masks = self._masks(ends, first_mag)  # (I, C, n, F)
         n = n_runs * s.hop
-        decided = decided.permute(1, 2, 0, 3, 4).reshape(*decided.shape[1:3], n, decided.shape[-1])
-        stems = self.engine.apply_masks(decided, self._spec[:, :n], out=self._stems[:, :, :n])
-        signal = dsp.istft(stems, self.engine.window, frame_step=self._hop)
+        stems = self.engine.mask_stems(masks, self._spec[:, :n], out=self._stems[:, :, :n])
+        signal = dsp.istft(stems, self.engine.window, frame_step=step)
         signal[..., : self._tail.shape[-1]] += self._tail
-        self._tail = signal[..., n * self._hop :].clone()
+        self._tail = signal[..., n * step :].clone()
+        base = self._decided * step  # padded position of signal[..., 0]
+        if s.partial:  # each run hands out the step after its frames without the next frame
+            if n_runs > 1:  # here the later runs' first frames are in: take them out again
+                firsts = stems[:, :, s.hop : n : s.hop]  # (I, C, n_runs - 1, bins)
+                added = dsp.istft_frames(firsts, self.engine.window)[..., :step]
+                blocks = signal[..., s.hop * step : n * step].unflatten(-1, (n_runs - 1, -1))
+                blocks[..., :step] -= added
+                blocks[..., :step] *= self._partial_gain
+            signal[..., n * step : (n + 1) * step] *= self._partial_gain
         self._spec = self._spec[:, n:]
         self._decided += n
         if self.on_windows is not None:
             self.on_windows(n_runs)
-        end = self._decided * self._hop if limit is None else min(self._decided * self._hop, limit)
+        end = (self._decided + s.partial) * step
+        end = end if limit is None else min(end, limit)
         begin = max(self._emitted, self._n_fft)  # the prepended frame of zeros is dropped
-        start = self._emitted
         self._emitted = max(self._emitted, end)
         if end > begin:
-            yield signal[..., begin - start : end - start]
+            yield signal[..., begin - base : end - base]
 
     def _as_stems(self, parts: list[torch.Tensor]) -> dict[str, np.ndarray]:
         if parts:
