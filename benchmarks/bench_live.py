@@ -67,6 +67,16 @@ def offline_speed(separator: Separator, mix: np.ndarray, threads: int) -> float:
     return len(mix) / separator.sample_rate / (time.perf_counter() - start)
 
 
+def describe(settings: LiveSettings) -> str:
+    """``window 128, hop 4, look-ahead 15, partial 1, blend 0.75/0.25`` (defaults left out)."""
+    text = f"window {settings.window}, hop {settings.hop}, look-ahead {settings.lookahead}"
+    if settings.partial:
+        text += f", partial {settings.partial}"
+    if len(settings.blend) > 1:
+        text += ", blend " + "/".join(f"{w:g}" for w in settings.blend)
+    return text
+
+
 def sdr(separate: Any, mus_dir: Path, tracks: list[str]) -> dict[str, float]:  # noqa: ANN401
     summary = evaluate(separate, mus_dir, None, tracks=tracks, progress=False)
     return {name: scores["SDR"] for name, scores in summary.scores.items()}
@@ -108,8 +118,7 @@ def main() -> None:
             engine = LiveEngine(separator.engine, settings=settings)
             rows.append(
                 {
-                    "setting": f"window {settings.window}, hop {settings.hop}, "
-                    f"look-ahead {settings.lookahead}",
+                    "setting": describe(settings),
                     "latency_s": round(settings.delay(config), 3),
                     "work": settings.work,
                     "sdr": sdr(engine.separate, args.mus_dir, names),
@@ -153,8 +162,8 @@ def main() -> None:
             )
         lines.append("")
     lines += [
-        f"Real-time factor at 0.5 s latency ({half.delay(config):.3f} s: window {half.window}, "
-        f"hop {half.hop}, look-ahead {half.lookahead}), best of {args.repeat}, "
+        f"Real-time factor at 0.5 s latency ({half.delay(config):.3f} s: {describe(half)}), "
+        f"best of {args.repeat}, "
         f"{len(mix) / 44100:.0f} s of audio",
         "",
         "| precision | threads | live (1024-sample pushes) | offline | live / offline |",

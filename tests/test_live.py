@@ -235,4 +235,5 @@ def test_partial_samples_are_the_renormalised_sum_without_the_newest_frame(
         np.testing.assert_allclose(a[~early], b[~early], rtol=0, atol=1e-6)
         error = np.sum((a[early] - b[early]) ** 2)
         assert error > 0  # they were made another way
-        assert 10 * np.log10(np.sum(b[early] ** 2) / error) > 25  # and close
+        assert 10 * np.log10(np.sum(b[early] ** 2) / error) > 32  # close: 38-40 dB here (24 dB
+        # if the partial sum were not renormalised)

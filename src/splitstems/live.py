@@ -7,13 +7,16 @@ frames it decides: every *hop* frames, the newest window gives the masks of the 
 frames that end ``lookahead`` frames before its end, and those frames are masked,
 inverted and overlap-added at once. The same pieces as the offline engine compute it:
 :mod:`splitstems.dsp`'s STFT and iSTFT, :meth:`Engine.estimate` (the fused U-Nets, all
-instruments) and :meth:`Engine.apply_masks`.
+instruments) and :meth:`Engine.mask_stems`.
 
 A sample at input position ``i`` is final once frame ``(i + N) // H + hop + lookahead - 1``
 is in (N the frame length, H the frame step), so the worst-case algorithmic delay is
-``(hop + lookahead - 1) * H + N`` samples (:meth:`LiveSettings.delay_samples`; 0.44 s for
-the 0.5 s setting). Memory is bounded whatever the stream's length: a window of
-magnitudes, the frames not yet masked, one iSTFT tail.
+``(hop + lookahead - 1) * H + N`` samples (:meth:`LiveSettings.delay_samples`), one frame
+step less with ``partial`` (the step after each run's frames goes out at once, without the
+frame that only starts there): 0.488 s for the 0.5 s setting, whose masks also blend the
+newest window's with the previous one's (``blend``). Memory is bounded whatever the
+stream's length: a window of magnitudes, the frames not yet masked, the last windows'
+masks, one iSTFT tail.
 """
 
 from __future__ import annotations
@@ -102,9 +105,9 @@ class LiveSettings:
 
 #: The settings a requested latency chooses from, shortest delay first; each is the best
 #: measured at its delay on the MUSDB18 previews (docs/live.md: median vocals SDR 5.93 dB
-#: at 0.116 s, 6.83 at 0.441 s, 7.08 at 0.813 s, as offline). For a latency, the entry
-#: with the longest delay that fits is taken (window 128, hop 32, look-ahead 32, at
-#: 1.556 s, scored 6.90: a longer delay is not better by itself).
+#: at 0.116 s, 6.83 at 0.441 s, 7.03 at 0.488 s, 7.08 at 0.813 s; offline 7.08). For a
+#: latency, the entry with the longest delay that fits is taken (window 128, hop 32,
+#: look-ahead 32, at 1.556 s, scored 6.90: a longer delay is not better by itself).
 LIVE_SETTINGS: tuple[LiveSettings, ...] = (
     LiveSettings(window=64, hop=2, lookahead=0),
     LiveSettings(window=64, hop=4, lookahead=2),
