@@ -543,3 +543,31 @@ def test_quality_options_reach_the_engine(song, tmp_path):
     mix = audio.load(song, duration=1.0)
     error = np.sum((stems[0] + stems[1] - mix) ** 2) / np.sum(mix**2)
     assert error < 1e-3
+
+
+_STARTUP = """
+import gc, sys
+{pause}
+from splitstems.cli.main import build_parser, finish_startup
+finish_startup(build_parser().parse_args({argv!r}))
+print(gc.isenabled(), gc.get_freeze_count() > 0, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("pause", "argv", "expected"),
+    [
+        # the console entry point pauses the collector: torch is imported, start-up frozen
+        ("gc.disable()", ["separate", "song.wav"], "True True True"),
+        # commands that never need torch do not pay its import
+        ("gc.disable()", ["models"], "True True False"),
+        # a caller of main() keeps its collector as it was
+        ("", ["separate", "song.wav"], "True False False"),
+    ],
+)
+def test_startup_imports_torch_with_the_collector_paused_then_freezes(pause, argv, expected):
+    code = _STARTUP.format(pause=pause, argv=argv)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == expected.split()

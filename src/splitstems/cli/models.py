@@ -18,7 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         default=None,
         help="also look in this folder (default: $SPLITSTEMS_MODEL_DIR, then $MODEL_PATH)",
     )
-    models.set_defaults(handler=run_models)
+    models.set_defaults(handler=run_models, imports_torch=False)
 
     conv = sub.add_parser(
         "convert",
@@ -34,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         help="the model the checkpoint belongs to: name or JSON config (default: %(default)s)",
     )
     conv.add_argument("-o", "--output", required=True, help="folder to write the model to")
-    conv.set_defaults(handler=run_convert)
+    conv.set_defaults(handler=run_convert, imports_torch=False)
 
 
 def run_models(args: argparse.Namespace) -> int:
