@@ -227,6 +227,12 @@ def test_stream_chunks_concatenate_to_load(tmp_path: Path, rate: int) -> None:
     assert all(len(c) == 10000 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 10000
     joined = np.concatenate(chunks)
     assert joined.shape == whole.shape
+    # a first chunk of its own size (the engine starts on one model segment), same samples
+    first = list(stream(tmp_path / "x.wav", chunk_samples=10000, first_chunk_samples=777, **kwargs))
+    assert len(first[0]) == 777 and all(len(c) == 10000 for c in first[1:-1])
+    np.testing.assert_array_equal(np.concatenate(first), joined)
+    with pytest.raises(ValueError, match="positive integers"):
+        stream(tmp_path / "x.wav", chunk_samples=10000, first_chunk_samples=0.5)
     if rate == SR:
         np.testing.assert_array_equal(joined, whole)
     else:

@@ -883,17 +883,20 @@ def stream(
     n_channels: int = 2,
     stream: int = 0,
     warn: bool = True,
+    first_chunk_samples: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode like :func:`load`, yielding ``(chunk_samples, n_channels)`` float32 arrays.
 
-    Every chunk has exactly ``chunk_samples`` frames except a shorter last one; their
-    concatenation equals :func:`load` with the same arguments. Memory stays bounded by
-    the chunk size, so hour-long files are fine. The file is opened (and errors such as
-    a missing file are raised) by this call; decoding errors (and truncation, found at
-    the end of the file) surface while iterating.
+    Every chunk has exactly ``chunk_samples`` frames except a shorter last one (and the
+    first, of ``first_chunk_samples`` when given: a consumer that can start on less
+    starts sooner); their concatenation equals :func:`load` with the same arguments.
+    Memory stays bounded by the chunk size, so hour-long files are fine. The file is
+    opened (and errors such as a missing file are raised) by this call; decoding errors
+    (and truncation, found at the end of the file) surface while iterating.
     """
-    if int(chunk_samples) != chunk_samples or chunk_samples < 1:
-        raise ValueError(f"chunk_samples must be a positive integer, not {chunk_samples!r}")
+    for size in (chunk_samples, first_chunk_samples or 1):
+        if int(size) != size or size < 1:
+            raise ValueError(f"chunk sizes must be positive integers, not {size!r}")
     arrays = _pipeline(
         path,
         offset=offset,
@@ -903,20 +906,23 @@ def stream(
         stream=stream,
         warn=warn,
     )
-    return _rechunk(arrays, int(chunk_samples), n_channels)
+    first = int(first_chunk_samples or chunk_samples)
+    return _rechunk(arrays, int(chunk_samples), n_channels, first=first)
 
 
-def _rechunk(arrays: Iterable[np.ndarray], size: int, n_channels: int) -> Iterator[np.ndarray]:
-    buffer = np.empty((size, n_channels), np.float32)
+def _rechunk(
+    arrays: Iterable[np.ndarray], size: int, n_channels: int, *, first: int | None = None
+) -> Iterator[np.ndarray]:
+    buffer = np.empty((first or size, n_channels), np.float32)
     filled = 0
     for array in arrays:
         used = 0
         while used < len(array):
-            take = min(size - filled, len(array) - used)
+            take = min(len(buffer) - filled, len(array) - used)
             buffer[filled : filled + take] = array[used : used + take]
             filled += take
             used += take
-            if filled == size:
+            if filled == len(buffer):
                 yield buffer
                 buffer = np.empty((size, n_channels), np.float32)
                 filled = 0

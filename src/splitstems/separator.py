@@ -381,6 +381,8 @@ class Separator:
             return audio.stream(
                 source,
                 chunk_samples=int(CHUNK_SECONDS * self.sample_rate),
+                # the first model segment runs as soon as its samples are in
+                first_chunk_samples=self.engine.segment_samples,
                 offset=offset,
                 duration=duration,
                 sample_rate=self.sample_rate,
