@@ -470,11 +470,15 @@ def test_a_killed_scoring_process_is_replaced(tmp_path, rng):
             for worker in multiprocessing.active_children():
                 worker.kill()
                 worker.join()
-                killed.append(worker.exitcode)
+                killed.append(worker.pid)
         return estimates
 
     summary = evaluate(separate_and_kill, tmp_path, tmp_path / "out", backend="museval", jobs=1)
-    assert killed == [-signal.SIGKILL]
+    # one scoring process was killed and is gone (whoever reaped it first: this join or
+    # the pool's own watcher, which makes the exit code a race to read)
+    assert len(killed) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed[0], 0)
     assert summary.failed == {} and sorted(summary.tracks) == ["A", "B", "C"]
 
 
