@@ -49,6 +49,10 @@ def test_settings_for_half_a_second_is_the_best_measured_within_the_budget() -> 
     assert chosen == LiveSettings(128, 4, 15, partial=1, blend=(0.75, 0.25))
     assert chosen.delay_samples(config) == 21504  # (4 + 15 - 1 - 1) * 1024 + 4096
     assert settings_for(0.45, config) == LiveSettings(window=64, hop=8, lookahead=8)
+    # each delay as printed (to the millisecond), given back, chooses its own setting
+    for setting in LIVE_SETTINGS:
+        assert settings_for(round(setting.delay(config), 3), config) == setting
+        assert settings_for(round(setting.delay(config), 4), config) == setting
     assert chosen.delay(config) <= 0.5
     # the longest delay that fits: nothing in the table between it and 0.5 s
     assert not [s for s in LIVE_SETTINGS if chosen.delay(config) < s.delay(config) <= 0.5]
@@ -150,6 +154,15 @@ def test_live_input_is_checked_and_mono_is_duplicated(separator_2stems, music: n
         live.push(np.zeros((10, 2), np.int16))
     with pytest.raises(ValueError, match="shape"):
         live.push(np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"got \(2, 44100\): channels first"):
+        live.push(np.zeros((2, 44100), np.float32))  # not 2 samples of 44100 channels
+    with pytest.raises(ValueError, match="at most 64 channels"):
+        live.push(np.zeros((100, 65), np.float32))
+    assert live.n_input == 0  # refused blocks are not taken in
+    live.push(music[:1000])
+    with pytest.raises(ValueError, match="3 channel.* a stream that started with 2"):
+        live.push(np.zeros((100, 3), np.float32))
+    live.flush()
     mono = music[:50000, 0]
     out, rest = live.push(mono), live.flush()
     stereo_out, stereo_rest = live.push(np.stack([mono, mono], axis=1)), live.flush()

@@ -178,7 +178,7 @@ def test_non_finite_samples_are_zeros_to_the_model_with_one_warning(separator_2s
 @pytest.mark.parametrize(
     ("shape", "problem"),
     [
-        ((2, 44100), r"got \(2, 44100\): channels first\? pass waveform\.T"),
+        ((2, 44100), r"got \(2, 44100\): channels first\? pass it transposed"),
         ((8, 100), r"got \(8, 100\): channels first"),
         ((1000, 65), r"with at most 64 channels, got \(1000, 65\)"),
         ((100, 2, 2), r"got \(100, 2, 2\)"),

@@ -282,6 +282,31 @@ def _can_seek(audio: av.audio.stream.AudioStream) -> bool:
     return bool(tb) and tb.denominator % (rate * tb.numerator) == 0
 
 
+#: Most channels an array of samples may have (more: not a sound, or transposed).
+MAX_CHANNELS = 64
+# At most this many rows and more columns: a (channels, samples) array.
+_TRANSPOSED_ROWS = 8
+
+
+def check_samples_first(name: str, data: np.ndarray) -> None:
+    """Refuse a 2-D ``data`` that is channels first or has more channels than a sound.
+
+    Raises:
+        AudioError: naming ``name``, the shape and the expected ``(n_samples, n_channels)``.
+    """
+    n_samples, n_channels = data.shape
+    if n_samples <= _TRANSPOSED_ROWS < n_channels:
+        raise AudioError(
+            f"{name}: expected shape (n_samples, n_channels), got {data.shape}: "
+            "channels first? pass it transposed (.T)"
+        )
+    if n_channels > MAX_CHANNELS:
+        raise AudioError(
+            f"{name}: expected shape (n_samples, n_channels) with at most {MAX_CHANNELS} "
+            f"channels, got {data.shape}"
+        )
+
+
 def to_channels(name: str, data: np.ndarray, n_channels: int) -> np.ndarray:
     """Return ``(n, C)`` audio with ``n_channels`` channels.
 

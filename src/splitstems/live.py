@@ -34,6 +34,7 @@ from splitstems import audio, dsp
 from splitstems.config import ModelConfig
 from splitstems.device import set_threads
 from splitstems.engine import ChunkSource, Engine
+from splitstems.errors import AudioError
 
 __all__ = [
     "DEFAULT_LATENCY",
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: The latency (seconds) ``Separator.live()`` and ``splitstems stream`` ask for by default.
 DEFAULT_LATENCY = 0.5
+#: Seconds by which a setting's delay may exceed the latency asked (delays are printed
+#: rounded to the millisecond, and such a figure, given back, chooses that setting).
+LATENCY_TOLERANCE = 0.0005
 #: The U-Nets' six stride-2 layers want windows that are multiples of this many frames.
 WINDOW_MULTIPLE = 64
 
@@ -127,7 +131,8 @@ def settings_for(latency: float, config: ModelConfig) -> LiveSettings:
     """
     if not (isinstance(latency, int | float) and math.isfinite(latency) and latency > 0):
         raise ValueError(f"latency must be a positive number of seconds, got {latency!r}")
-    fitting = [s for s in LIVE_SETTINGS if s.delay(config) <= latency + 1e-9]
+    # delays are printed in milliseconds (0.441 s): such a number, given back, fits
+    fitting = [s for s in LIVE_SETTINGS if s.delay(config) <= latency + LATENCY_TOLERANCE]
     if not fitting:
         shortest = min(s.delay(config) for s in LIVE_SETTINGS)
         raise ValueError(
@@ -220,6 +225,7 @@ class LiveSeparator:
         cfg, s, dev = self.config, self.settings, self._device
         n_ch, n_inst = cfg.n_channels, len(cfg.instruments)
         self.n_input = 0  # samples pushed in this stream
+        self._stream_channels: int | None = None  # channels of this stream's first block
         self._samples = torch.zeros(n_ch, self._n_fft)  # padded samples from frame K's start
         self._n_frames = 0  # K: STFT frames computed (frames count from the padded start)
         self._decided = 0  # M: frames masked and inverted
@@ -290,6 +296,19 @@ class LiveSeparator:
             data = data[:, None]
         if data.ndim != 2 or (data.shape[0] and data.shape[1] == 0):
             raise ValueError(f"live input: expected shape (n, n_channels), got {data.shape}")
+        if not data.shape[0]:
+            return np.zeros((0, self.n_channels), np.float32)
+        try:
+            audio.check_samples_first("live input", data)
+        except AudioError as exc:
+            raise ValueError(str(exc)) from None
+        if self._stream_channels is None:
+            self._stream_channels = data.shape[1]
+        elif data.shape[1] != self._stream_channels:
+            raise ValueError(
+                f"live input: a block of {data.shape[1]} channel(s) in a stream that started "
+                f"with {self._stream_channels} (flush() ends a stream)"
+            )
         data = audio.to_channels("live input", data, self.n_channels)
         return self._nonfinite.clean(data, self.n_input)
 
@@ -445,13 +464,16 @@ class LiveEngine:
         *,
         latency: float = DEFAULT_LATENCY,
         settings: LiveSettings | None = None,
-        batch: int = 8,
+        batch: int | None = None,
     ) -> None:
         if engine.overlap_frames:
             raise ValueError("a latency and an overlap of segments do not go together")
         self.base = engine
         self.live_settings = LiveSeparator(engine, latency=latency, settings=settings).settings
-        self.batch = batch
+        # None: an offline segment's worth of frames per model call (512 / window windows),
+        # so memory stays near the offline engine's (8 windows of 128 frames: 0.94 GB
+        # against 0.60 GB for one, and no faster)
+        self.batch = batch or max(1, engine.config.T // self.live_settings.window)
 
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the wrapped engine's attributes
         return getattr(self.base, name)

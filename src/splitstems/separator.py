@@ -466,9 +466,7 @@ class Separator:
 
 #: Most channels :meth:`Separator.separate` accepts in a waveform (more is taken for a
 #: ``(channels, samples)`` array or a mistake: sound files rarely have more than 16).
-MAX_CHANNELS = 64
-# At most this many rows and more columns: a (channels, samples) array.
-_TRANSPOSED_ROWS = 8
+MAX_CHANNELS = audio.MAX_CHANNELS
 
 
 def _as_waveform(waveform: object) -> np.ndarray:
@@ -486,17 +484,7 @@ def _as_waveform(waveform: object) -> np.ndarray:
         data = data[:, None]
     if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] == 0:
         raise AudioError(f"waveform: expected shape (n_samples, n_channels), got {data.shape}")
-    n_samples, n_channels = data.shape
-    if n_samples <= _TRANSPOSED_ROWS < n_channels:
-        raise AudioError(
-            f"waveform: expected shape (n_samples, n_channels), got {data.shape}: "
-            "channels first? pass waveform.T"
-        )
-    if n_channels > MAX_CHANNELS:
-        raise AudioError(
-            f"waveform: expected shape (n_samples, n_channels) with at most {MAX_CHANNELS} "
-            f"channels, got {data.shape}"
-        )
+    audio.check_samples_first("waveform", data)
     return data
 
 
