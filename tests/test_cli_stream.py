@@ -158,6 +158,34 @@ def test_wav_through_stdin_and_stdout_keeps_length(
     assert decoded.shape == music.shape
 
 
+def test_a_damaged_mp3_packet_on_stdin_is_skipped_with_a_warning_not_the_end(
+    model_env: dict[str, str], music: np.ndarray, tmp_path: Path
+) -> None:
+    # One glitch in a stream (a radio, a pipe) must not end it: the bad packet is skipped,
+    # as FFmpeg and the file path do, and said; the rest is separated.
+    source = tmp_path / "in.mp3"
+    audio.save(source, music, sample_rate=RATE, codec="mp3")
+    data = bytearray(source.read_bytes())
+    middle = len(data) * 3 // 10  # 200 random bytes there break one packet
+    data[middle : middle + 200] = np.random.default_rng(7).integers(0, 256, 200, np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp3"
+    damaged.write_bytes(bytes(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "stream", "-", "-o", tmp_path / "out"],
+        env={**os.environ, **model_env},
+        input=bytes(data),
+        capture_output=True,
+        timeout=120,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert "stdin:" in stderr and "damaged packet(s) skipped" in stderr
+    as_file = audio.load(damaged, sample_rate=RATE, n_channels=2)  # what the file path decodes
+    with wave.open(str(tmp_path / "out" / "vocals.wav")) as stem:
+        assert abs(stem.getnframes() - len(as_file)) <= 1152  # at most an MP3 frame apart
+        assert stem.getnframes() > 0.9 * len(music)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -241,17 +241,25 @@ def _convert_into(samples: np.ndarray, out: np.ndarray) -> None:
         out[...] = samples
 
 
-class _DecodeLog:
-    """What went wrong while decoding (for the message when nothing decoded)."""
+class DecodeLog:
+    """What went wrong while decoding.
+
+    Attributes:
+        error: the last error (for the message when nothing decoded).
+        skipped: packets that failed to decode and were skipped.
+        read_error: the error that ended the reading (a damaged container, a pipe cut), if any.
+    """
 
     def __init__(self) -> None:
         self.error: str | None = None
+        self.skipped = 0
+        self.read_error: str | None = None
 
 
-def _frames(
-    container: av.container.InputContainer, audio: av.audio.stream.AudioStream, log: _DecodeLog
+def decode_frames(
+    container: av.container.InputContainer, audio: av.audio.stream.AudioStream, log: DecodeLog
 ) -> Iterator[av.AudioFrame]:
-    """Decode ``audio``: skip packets that fail to decode, stop at a read error."""
+    """Decode ``audio``: skip packets that fail to decode (as FFmpeg), stop at a read error."""
     packets = container.demux(audio)
     flushed = False
     while True:
@@ -261,13 +269,14 @@ def _frames(
             break
         except (av.error.FFmpegError, OSError) as exc:
             if not isinstance(exc, av.error.EOFError):
-                log.error = _reason(exc)
+                log.error = log.read_error = _reason(exc)
             break
         flushed = packet.size == 0
         try:
             yield from audio.codec_context.decode(packet)
         except (av.error.FFmpegError, ValueError) as exc:
             log.error = _reason(exc)
+            log.skipped += 1
     if not flushed:
         try:
             yield from audio.codec_context.decode(None)
@@ -634,7 +643,7 @@ class _Source:
         self.container.close()
         _, self.container, self.audio = _open_stream(self.name, self.index)
 
-    def _seek(self, log: _DecodeLog) -> tuple[int, Iterator[av.AudioFrame]] | None:
+    def _seek(self, log: DecodeLog) -> tuple[int, Iterator[av.AudioFrame]] | None:
         """Seek to just before ``start``: the first frame's sample position and the frames.
 
         Positions count from the first frame a decode from the start gives. ``None``
@@ -644,7 +653,7 @@ class _Source:
         if self.offset < _SEEK_MIN_OFFSET or not _can_seek(self.audio):
             return None
         tb = self.audio.time_base
-        first = next(_frames(self.container, self.audio, _DecodeLog()), None)
+        first = next(decode_frames(self.container, self.audio, DecodeLog()), None)
         target = max(self.start - round(_SEEK_PREROLL * self.rate), 0)
         if first is not None and first.pts is not None:
             ref = first.pts
@@ -655,7 +664,7 @@ class _Source:
             except (av.error.FFmpegError, OSError):
                 pass
             else:
-                frames = _frames(self.container, self.audio, log)
+                frames = decode_frames(self.container, self.audio, log)
                 frame = next(frames, None)
                 if frame is not None and frame.pts is not None:
                     position = round((frame.pts - ref) * tb * self.rate)
@@ -680,10 +689,10 @@ class _Source:
         if have > n_channels > 1 and self.warn:  # as Spleeter: the first channels
             _log.warning("%s: keeping the first %d of its %d channels", self.name, n_channels, have)
         non_finite = NonFinite(self.name, self.rate)
-        log = _DecodeLog()
+        log = DecodeLog()
         sought = self._seek(log)
         if sought is None:
-            position, frames = 0, _frames(self.container, self.audio, log)
+            position, frames = 0, decode_frames(self.container, self.audio, log)
         else:
             position, frames = sought
         decoded = 0

@@ -16,6 +16,7 @@ What ``splitstems stream`` reads and writes, block by block as the audio arrives
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import struct
@@ -29,8 +30,10 @@ from typing import Any, BinaryIO
 import av
 import numpy as np
 
-from splitstems.audio import StreamResampler, to_pcm16
+from splitstems.audio import DecodeLog, StreamResampler, decode_frames, to_pcm16
 from splitstems.errors import AudioError, OutputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RAW_FORMATS",
@@ -119,8 +122,9 @@ def decoded_blocks(
         layout = "mono" if n_channels == 1 else "stereo"
         converter = av.AudioResampler(format="flt", layout=layout)
         resampler: StreamResampler | None = None
+        decoded = DecodeLog()  # a packet that fails to decode is skipped, as FFmpeg does
         try:
-            for frame in container.decode(stream):
+            for frame in decode_frames(container, stream, decoded):
                 for out in converter.resample(frame):
                     block = out.to_ndarray().reshape(-1, n_channels)
                     if resampler is None:
@@ -130,10 +134,21 @@ def decoded_blocks(
                         yield block
         except (av.error.FFmpegError, ValueError) as exc:
             raise AudioError(f"{name}: cannot decode ({_reason(exc)})") from exc
+        if decoded.skipped:
+            log.warning(
+                "%s: %d damaged packet(s) skipped (%s); the stems have a gap there",
+                name,
+                decoded.skipped,
+                decoded.error,
+            )
         if resampler is not None:
             rest = resampler.flush()
             if len(rest):
                 yield rest
+        if decoded.read_error is not None:
+            raise AudioError(f"{name}: cannot read further ({decoded.read_error})")
+        if resampler is None and decoded.error is not None:
+            raise AudioError(f"{name}: cannot decode ({decoded.error})")
 
 
 def _reason(exc: BaseException) -> str:
