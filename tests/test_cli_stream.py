@@ -466,3 +466,16 @@ def test_separate_latency_writes_the_live_separation(
     np.testing.assert_allclose(audio.load(tmp_path / "song" / "vocals.wav"), expected, atol=1e-5)
     assert main(["separate", str(source), "-o", str(tmp_path), "--latency", "0.5", "--mwf"]) == 2
     assert "error: live separation works with ratio masks" in capsys.readouterr().err
+
+
+def test_blocks_read_before_a_ctrl_c_are_handed_over_not_dropped() -> None:
+    from splitstems.cli.stream import _Reader
+
+    blocks = [np.full((100, 2), k, np.float32) for k in range(5)]
+    reader = _Reader(lambda: iter(blocks))
+    reader.start()
+    reader.join(timeout=10)
+    first = next(reader.blocks())  # the stream took one, then Ctrl-C came
+    rest = list(reader.read_already())  # what was read already: all of it, in order
+    assert [b[0, 0] for b in [first, *rest]] == [0, 1, 2, 3, 4]
+    assert list(reader.read_already()) == []  # and nothing twice

@@ -171,7 +171,15 @@ def add_quality_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_run_options(parser: argparse.ArgumentParser, *, fast_help: str) -> None:
+THREADS_HELP = (
+    "CPU threads, fixed (default: one per CPU this process may use, affinity and cgroup "
+    "quota, fewer while other processes keep CPUs busy; $OMP_NUM_THREADS when set)"
+)
+
+
+def add_run_options(
+    parser: argparse.ArgumentParser, *, fast_help: str, threads_help: str = THREADS_HELP
+) -> None:
     """``--fast``, ``--device``, ``--threads`` and ``--verbose``."""
     parser.add_argument("--fast", action="store_true", help=fast_help)
     parser.add_argument(
@@ -181,9 +189,7 @@ def add_run_options(parser: argparse.ArgumentParser, *, fast_help: str) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="CPU threads, fixed (default: one per CPU this process may use, affinity and "
-        "cgroup quota, fewer while other processes keep CPUs busy; $OMP_NUM_THREADS "
-        "when set)",
+        help=threads_help,
     )
     parser.add_argument("--verbose", action="store_true", help="more logging")
 

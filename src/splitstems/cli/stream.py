@@ -91,7 +91,12 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
     st.add_argument(
         "--output-device", default=None, help="sound device for --play (default: the system's)"
     )
-    add_run_options(st, fast_help="bfloat16 on the CPU, float16 on GPUs: faster")
+    add_run_options(
+        st,
+        fast_help="bfloat16 on the CPU, float16 on GPUs: faster",
+        threads_help="CPU threads for the model (default: 1, which keeps a stream steady when "
+        "other processes take a core; $OMP_NUM_THREADS when set)",
+    )
     st.set_defaults(handler=run)
 
 
@@ -143,6 +148,17 @@ class _Reader(threading.Thread):
                 return
             if isinstance(item, BaseException):
                 raise item
+            yield item  # type: ignore[misc]
+
+    def read_already(self) -> Iterator[np.ndarray]:
+        """Yield the blocks read and queued but not taken yet (on Ctrl-C: separated too)."""
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is None or isinstance(item, BaseException):
+                return
             yield item  # type: ignore[misc]
 
 
@@ -278,7 +294,7 @@ def _pump(
 
     to_model = StreamResampler(rate, model_rate, n_channels)
     n_in = 0
-    started = first = time.perf_counter()
+    first = time.perf_counter()  # then the first block's arrival: the clock of the input
     warned = False
     reader.start()
     error: AudioError | None = None
@@ -305,6 +321,10 @@ def _pump(
         except AudioError as exc:
             error = exc
         except KeyboardInterrupt:
+            for block in reader.read_already():  # read before the Ctrl-C: separated too
+                n_in += len(block)
+                data = to_channels(name, to_model.push(block), live.n_channels)
+                outputs.write(live.push(data), limit=n_in)
             _finish(live, to_model, outputs, n_in, name)
             raise
         _finish(live, to_model, outputs, n_in, name)
@@ -312,7 +332,7 @@ def _pump(
         if device_in is not None:
             device_in.close()  # type: ignore[attr-defined]
         outputs.close()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - first  # from the first block in
     seconds = n_in / rate
     dropped = getattr(device_in, "dropped", 0)
     notes = f"; {dropped / rate:.2f} s of input dropped (overruns)" if dropped else ""
