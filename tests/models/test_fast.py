@@ -8,7 +8,7 @@ import torch.nn.functional as F  # noqa: N812
 from fidelity import randomise_batchnorm
 
 from splitstems.config import load_config
-from splitstems.models.fast import fuse_for_inference, polyphase_weight
+from splitstems.models.fast import _Conv, fuse_for_inference, polyphase_weight
 from splitstems.models.unet import SpleeterModel
 
 
@@ -75,3 +75,21 @@ def test_packed_convolutions_compute_what_conv2d_computes():
             packed = fast(x.to(dtype))
             again = fast(x.to(dtype))  # the packed weights are reused
         assert torch.equal(packed, plain) and torch.equal(again, plain)
+
+
+def test_packed_weights_are_kept_for_the_last_two_input_shapes_only():
+    # the live path runs batches and windows of several sizes: every shape kept would
+    # keep another ~98 MB of packed weights (2stems); evicted shapes are packed again
+    torch.manual_seed(0)
+    model = SpleeterModel(load_config("spleeter:2stems")).eval()
+    fast = fuse_for_inference(model)
+    first_conv = fast.unets[0].enc_conv[0]
+    shapes = [(1, 2, 64, 1024), (2, 2, 64, 1024), (1, 2, 128, 1024), (1, 2, 64, 1024)]
+    outputs = []
+    with torch.inference_mode():
+        for shape in shapes:
+            outputs.append(fast(torch.rand(*shape, generator=torch.Generator().manual_seed(1))))
+            assert len(first_conv.packed) <= _Conv.MAX_SHAPES == 2
+        assert [key[:4] for key in first_conv.packed] == [(1, 2, 131, 1027), (1, 2, 67, 1027)]
+        again = fast(torch.rand(*shapes[0], generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(again, outputs[0])  # packed again after eviction: the same numbers

@@ -15,6 +15,7 @@ apart) with:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -118,10 +119,14 @@ class _Conv:
     """
 
     supported = True  # False after the first failure: never tried again
+    #: Input shapes whose packed weights are kept (the most recently used). Each set of a
+    #: 2stems model's weights is ~98 MB packed; the live path, whose batches and start
+    #: windows vary, kept 4 sets (391 MB) on a 30 s file before this bound.
+    MAX_SHAPES = 2
 
     def __init__(self, stride: int = 1, padding: int = 0, dilation: int = 1) -> None:
         self.stride, self.padding, self.dilation = [stride] * 2, [padding] * 2, [dilation] * 2
-        self.packed: dict[tuple[int, ...], torch.Tensor] = {}
+        self.packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
 
     def __deepcopy__(self, memo: dict) -> _Conv:
         """Return a copy without the packed weights (made again on first use)."""
@@ -138,6 +143,10 @@ class _Conv:
                     packed = self.packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
                         weight, self.padding, self.stride, self.dilation, 1, list(x.shape)
                     )
+                    while len(self.packed) > self.MAX_SHAPES:
+                        self.packed.popitem(last=False)
+                else:
+                    self.packed.move_to_end(key)
                 return torch.ops.mkldnn._convolution_pointwise(
                     x, packed, bias, self.padding, self.stride, self.dilation, 1, "none", [], ""
                 )
