@@ -244,18 +244,12 @@ def test_delete_removes_the_files_and_stop_removes_everything(
         assert running.wait_done(first["id"])["state"] == "done"
         assert any(p.name == first["id"] for p in running.leftovers())
         # expiry: a finished job is gone about a second after it ended
-        deadline = time.monotonic() + 10
-        while any(p.name == first["id"] for p in running.leftovers()):
-            assert time.monotonic() < deadline, running.leftovers()
-            time.sleep(0.2)
+        running.wait_files_gone(first["id"], timeout=10)
         assert _raw(running, "GET", f"/api/jobs/{first['id']}")[0] == 404
         # delete of a queued or running job, at once
         second = _upload(running, song(shared_dir, 1))
         assert _raw(running, "DELETE", f"/api/jobs/{second['id']}")[0] == 204
-        deadline = time.monotonic() + 30
-        while any(p.name == second["id"] for p in running.leftovers()):
-            assert time.monotonic() < deadline, running.leftovers()
-            time.sleep(0.2)
+        running.wait_files_gone(second["id"], timeout=30)
         assert _raw(running, "DELETE", f"/api/jobs/{second['id']}")[0] == 404
         # stop with a job in the queue: every file goes
         _upload(running, song(shared_dir, 2))
@@ -361,10 +355,7 @@ def test_delete_of_a_running_job_or_a_conversion_stops_it_and_leaks_no_path(
         time.sleep(0.05)
     assert server.json(f"/api/jobs/{job['id']}")["state"] == "running"
     assert _raw(server, "DELETE", f"/api/jobs/{job['id']}")[0] == 204
-    deadline = time.monotonic() + 30
-    while any(p.name == job["id"] for p in server.leftovers()):
-        assert time.monotonic() < deadline, server.leftovers()
-        time.sleep(0.1)
+    server.wait_files_gone(job["id"], timeout=30)
     assert _raw(server, "GET", f"/api/jobs/{job['id']}")[0] == 404
     # the worker is free for the next song
     after = server.wait_done(_upload(server, long_song, name="after.wav")["id"])

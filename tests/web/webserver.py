@@ -77,6 +77,13 @@ class Server:
     def leftovers(self) -> list[Path]:
         return sorted(self.tmpdir.rglob("*"))
 
+    def wait_files_gone(self, job_id: str, timeout: float) -> None:
+        """Wait until no file or folder of ``job_id`` is left; fail after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while any(p.name == job_id for p in self.leftovers()):
+            assert time.monotonic() < deadline, self.leftovers()
+            time.sleep(0.1)
+
 
 def start_server(env: dict[str, str], tmp: Path, *args: str) -> Server:
     """Run ``splitstems serve --port <free> ARGS`` with TMPDIR=tmp/tmp; wait until it answers."""
