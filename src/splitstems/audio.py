@@ -945,9 +945,10 @@ def stream(
 
 
 def _rechunk(
-    arrays: Iterable[np.ndarray], size: int, n_channels: int, *, first: int | None = None
+    arrays: Iterable[np.ndarray], size: int, n_channels: int, *, first: int
 ) -> Iterator[np.ndarray]:
-    buffer = np.empty((first or size, n_channels), np.float32)
+    """Chunks of ``size`` samples (the first of ``first``), the last one shorter."""
+    buffer = np.empty((first, n_channels), np.float32)
     filled = 0
     for array in arrays:
         used = 0

@@ -349,12 +349,12 @@ def one_thread() -> Iterator[None]:
 
     before = torch.get_num_threads()
     if before != 1:
-        torch.set_num_threads(1)
+        set_threads(1)
     try:
         yield
     finally:
         if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+            set_threads(before)
 
 
 def check_threads(threads: object) -> int | None:

@@ -21,6 +21,7 @@ masks, one iSTFT tail.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -375,18 +376,11 @@ class LiveSeparator:
         """
         s = self.settings
         span = len(s.blend) * s.hop
-        sizes = [self._window_size(end) for end in ends]
         groups: list[torch.Tensor] = []
-        begin = 0
-        while begin < len(ends):  # runs of equal sizes, in order
-            size = sizes[begin]
-            stop = begin
-            while stop < len(ends) and sizes[stop] == size:
-                stop += 1
-            windows = torch.stack([self._window(e, first_mag, size) for e in ends[begin:stop]])
+        for size, same in itertools.groupby(ends, key=self._window_size):  # in order
+            windows = torch.stack([self._window(end, first_mag, size) for end in same])
             lo = size - s.lookahead - s.hop
             groups.append(self.engine.estimate(windows)[:, :, :, lo : lo + span])
-            begin = stop
         return groups[0] if len(groups) == 1 else torch.cat(groups)
 
     def _masks(self, ends: list[int], first_mag: int) -> torch.Tensor:
@@ -406,8 +400,6 @@ class LiveSeparator:
                 self._earlier = [m[:, :, s.hop :] for m in (newest, *self._earlier)]
                 self._earlier = self._earlier[: len(s.blend) - 1]
             masks = torch.stack(blended, dim=1)
-        else:
-            masks = masks[:, :, :, : s.hop]
         # (I, runs, C, hop, F) -> (I, C, runs * hop, F), frames in stream order
         return masks.transpose(1, 2).flatten(2, 3)
 

@@ -298,14 +298,19 @@ def _pump(
     warned = False
     reader.start()
     error: AudioError | None = None
+
+    def feed(block: np.ndarray) -> None:
+        nonlocal n_in
+        n_in += len(block)
+        data = to_channels(name, to_model.push(block), live.n_channels)
+        outputs.write(live.push(data), limit=n_in)
+
     try:
         try:
             for block in reader.blocks():
                 if n_in == 0:
                     first = time.perf_counter()  # the clock of a live input starts here
-                n_in += len(block)
-                data = to_channels(name, to_model.push(block), live.n_channels)
-                outputs.write(live.push(data), limit=n_in)
+                feed(block)
                 behind = time.perf_counter() - first - n_in / rate
                 if live_source and reader.waits and behind > 1.0 and not warned:
                     # a buffer full while the input is not ahead of the clock: a live
@@ -322,9 +327,7 @@ def _pump(
             error = exc
         except KeyboardInterrupt:
             for block in reader.read_already():  # read before the Ctrl-C: separated too
-                n_in += len(block)
-                data = to_channels(name, to_model.push(block), live.n_channels)
-                outputs.write(live.push(data), limit=n_in)
+                feed(block)
             _finish(live, to_model, outputs, n_in, name)
             raise
         _finish(live, to_model, outputs, n_in, name)
