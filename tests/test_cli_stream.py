@@ -186,6 +186,41 @@ def test_a_damaged_mp3_packet_on_stdin_is_skipped_with_a_warning_not_the_end(
         assert stem.getnframes() > 0.9 * len(music)
 
 
+def test_a_wav_cut_short_on_stdin_says_truncated_and_keeps_what_came(
+    model_env: dict[str, str], music: np.ndarray, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.wav"
+    audio.save(source, music, sample_rate=RATE)  # 3 s, its header says so
+    data = source.read_bytes()
+    start = data.index(b"data") + 8  # the samples' first byte
+    cut = data[: start + RATE * 4]  # 1 s of 16-bit stereo
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "stream", "-", "-o", tmp_path / "out"],
+        env={**os.environ, **model_env},
+        input=cut,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.decode().splitlines() if line.startswith("error")]
+    assert errors == [
+        "error: stdin: truncated: ends after 1.000 s of the 3.000 s its WAV header gives"
+    ]
+    with wave.open(str(tmp_path / "out" / "vocals.wav")) as stem:
+        assert stem.getnframes() == RATE  # what came is separated and kept
+    # a WAV written to a pipe has no length in its header: its end is just the end
+    piped = bytearray(cut)
+    piped[start - 4 : start] = (0xFFFFFFFF).to_bytes(4, "little")
+    result = subprocess.run(
+        [sys.executable, "-m", "splitstems", "stream", "-", "-o", tmp_path / "piped"],
+        env={**os.environ, **model_env},
+        input=bytes(piped),
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -31,6 +31,7 @@ one-line message ``"<path>: <cause>"``. Invalid arguments raise ``ValueError``.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -403,6 +404,16 @@ def _wav_layout(f: BinaryIO) -> tuple[int, int, int] | None:
             return size // block_align, offset + 8, block_align
         offset += 8 + size + (size & 1)
     return None
+
+
+def announced_wav_frames(head: bytes) -> int | None:
+    """Sample frames a PCM WAV announces, from its first bytes; None: not known there.
+
+    ``None`` too for a WAV written to a pipe (its header cannot say the length) and for
+    anything that is not a PCM WAV whose header fits in ``head``.
+    """
+    layout = _wav_layout(io.BytesIO(head))
+    return None if layout is None else layout[0]
 
 
 def _flac_samples(f: BinaryIO) -> int | None:

@@ -30,7 +30,13 @@ from typing import Any, BinaryIO
 import av
 import numpy as np
 
-from splitstems.audio import DecodeLog, StreamResampler, decode_frames, to_pcm16
+from splitstems.audio import (
+    DecodeLog,
+    StreamResampler,
+    announced_wav_frames,
+    decode_frames,
+    to_pcm16,
+)
 from splitstems.errors import AudioError, OutputError
 
 log = logging.getLogger(__name__)
@@ -89,14 +95,36 @@ def raw_blocks(fd: int, name: str, *, fmt: str, n_channels: int) -> Iterator[np.
         )
 
 
+#: Bytes of a stream's start kept to read a WAV header's announced length from.
+HEAD_BYTES = 1 << 16
+
+
 class _FdFile:
-    """A file object whose ``read(n)`` returns what ``fd`` has now (for PyAV)."""
+    """A file object whose ``read(n)`` returns what ``fd`` has now (for PyAV).
+
+    The first :data:`HEAD_BYTES` read are kept in :attr:`head`.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.head = b""
 
     def read(self, n: int) -> bytes:
-        return os.read(self.fd, n)
+        data = os.read(self.fd, n)
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
+        return data
+
+
+def _head(target: _FdFile | str) -> bytes:
+    """Return a stream's first bytes (read so far from a pipe; from a local file, read now)."""
+    if isinstance(target, _FdFile):
+        return target.head
+    try:
+        with open(target, "rb") as f:
+            return f.read(HEAD_BYTES)
+    except OSError:  # a URL
+        return b""
 
 
 def decoded_blocks(
@@ -123,8 +151,10 @@ def decoded_blocks(
         converter = av.AudioResampler(format="flt", layout=layout)
         resampler: StreamResampler | None = None
         decoded = DecodeLog()  # a packet that fails to decode is skipped, as FFmpeg does
+        n_source = 0  # sample frames decoded, at the stream's own rate
         try:
             for frame in decode_frames(container, stream, decoded):
+                n_source += frame.samples
                 for out in converter.resample(frame):
                     block = out.to_ndarray().reshape(-1, n_channels)
                     if resampler is None:
@@ -149,6 +179,13 @@ def decoded_blocks(
             raise AudioError(f"{name}: cannot read further ({decoded.read_error})")
         if resampler is None and decoded.error is not None:
             raise AudioError(f"{name}: cannot decode ({decoded.error})")
+        announced = announced_wav_frames(_head(target)) if "wav" in container.format.name else None
+        if announced is not None and n_source < announced:
+            rate = stream.codec_context.sample_rate
+            raise AudioError(
+                f"{name}: truncated: ends after {n_source / rate:.3f} s of the "
+                f"{announced / rate:.3f} s its WAV header gives"
+            )
 
 
 def _reason(exc: BaseException) -> str:
