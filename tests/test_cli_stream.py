@@ -514,3 +514,23 @@ def test_blocks_read_before_a_ctrl_c_are_handed_over_not_dropped() -> None:
     rest = list(reader.read_already())  # what was read already: all of it, in order
     assert [b[0, 0] for b in [first, *rest]] == [0, 1, 2, 3, 4]
     assert list(reader.read_already()) == []  # and nothing twice
+
+
+def test_ctrl_c_does_not_wait_for_what_the_reader_reads_after_it() -> None:
+    # a file is read ahead of the separation: the reader refills the queue as it is
+    # emptied, so taking "until empty" after a Ctrl-C went on to the end of the file
+    from splitstems.cli.stream import QUEUE_BLOCKS, _Reader
+
+    reader = _Reader(lambda: (np.zeros((10, 2), np.float32) for _ in range(100_000)))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while reader.queue.qsize() < QUEUE_BLOCKS:  # full: the reader waits to put more
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    queued = reader.read_already()
+    next(queued)  # one taken: the reader puts the next block it had read
+    while reader.queue.qsize() < QUEUE_BLOCKS:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    taken = 1 + sum(1 for _ in queued)
+    assert taken == QUEUE_BLOCKS  # what was queued at the Ctrl-C, not what came after

@@ -151,8 +151,12 @@ class _Reader(threading.Thread):
             yield item  # type: ignore[misc]
 
     def read_already(self) -> Iterator[np.ndarray]:
-        """Yield the blocks read and queued but not taken yet (on Ctrl-C: separated too)."""
-        while True:
+        """Yield the blocks queued now but not taken yet (on Ctrl-C: separated too).
+
+        Only those: the reader may go on filling the queue (a file is read ahead of the
+        separation), and what it reads after the Ctrl-C is not waited for.
+        """
+        for _ in range(self.queue.qsize()):
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
