@@ -41,6 +41,17 @@ def _start(model_env: dict[str, str], *args: object) -> subprocess.Popen:
     )
 
 
+def _run(model_env: dict[str, str], *args: object, data: bytes) -> subprocess.CompletedProcess:
+    """Run ``splitstems stream ARGS`` to its end with ``data`` on stdin; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "splitstems", "stream", *map(str, args)],
+        env={**os.environ, **model_env},
+        input=data,
+        capture_output=True,
+        timeout=120,
+    )
+
+
 def _ready_line(proc: subprocess.Popen) -> str:
     """Wait for the line that says the model is loaded (it comes before any reading)."""
     line = proc.stderr.readline().decode()
@@ -122,13 +133,7 @@ def test_input_ending_mid_sample_says_so_and_keeps_what_was_separated(
     model_env: dict[str, str], music: np.ndarray, tmp_path: Path
 ) -> None:
     data = music[:5000].astype("<f4").tobytes() + b"\x00\x01\x02"
-    result = subprocess.run(
-        [sys.executable, "-m", "splitstems", "stream", "-", "--format", "f32le", "-o", tmp_path],
-        env={**os.environ, **model_env},
-        input=data,
-        capture_output=True,
-        timeout=120,
-    )
+    result = _run(model_env, "-", "--format", "f32le", "-o", tmp_path, data=data)
     assert result.returncode == 1
     errors = [line for line in result.stderr.decode().splitlines() if line.startswith("error")]
     assert errors == [
@@ -144,13 +149,7 @@ def test_wav_through_stdin_and_stdout_keeps_length(
 ) -> None:
     source = tmp_path / "in.wav"
     audio.save(source, music, sample_rate=RATE)
-    result = subprocess.run(
-        [sys.executable, "-m", "splitstems", "stream", "-", "--stdout", "accompaniment"],
-        env={**os.environ, **model_env},
-        input=source.read_bytes(),
-        capture_output=True,
-        timeout=120,
-    )
+    result = _run(model_env, "-", "--stdout", "accompaniment", data=source.read_bytes())
     assert result.returncode == 0, result.stderr.decode()
     out = tmp_path / "out.wav"
     out.write_bytes(result.stdout)
@@ -170,13 +169,7 @@ def test_a_damaged_mp3_packet_on_stdin_is_skipped_with_a_warning_not_the_end(
     data[middle : middle + 200] = np.random.default_rng(7).integers(0, 256, 200, np.uint8).tobytes()
     damaged = tmp_path / "damaged.mp3"
     damaged.write_bytes(bytes(data))
-    result = subprocess.run(
-        [sys.executable, "-m", "splitstems", "stream", "-", "-o", tmp_path / "out"],
-        env={**os.environ, **model_env},
-        input=bytes(data),
-        capture_output=True,
-        timeout=120,
-    )
+    result = _run(model_env, "-", "-o", tmp_path / "out", data=bytes(data))
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
     assert "stdin:" in stderr and "damaged packet(s) skipped" in stderr
@@ -194,13 +187,7 @@ def test_a_wav_cut_short_on_stdin_says_truncated_and_keeps_what_came(
     data = source.read_bytes()
     start = data.index(b"data") + 8  # the samples' first byte
     cut = data[: start + RATE * 4]  # 1 s of 16-bit stereo
-    result = subprocess.run(
-        [sys.executable, "-m", "splitstems", "stream", "-", "-o", tmp_path / "out"],
-        env={**os.environ, **model_env},
-        input=cut,
-        capture_output=True,
-        timeout=120,
-    )
+    result = _run(model_env, "-", "-o", tmp_path / "out", data=cut)
     assert result.returncode == 1
     errors = [line for line in result.stderr.decode().splitlines() if line.startswith("error")]
     assert errors == [
@@ -211,13 +198,7 @@ def test_a_wav_cut_short_on_stdin_says_truncated_and_keeps_what_came(
     # a WAV written to a pipe has no length in its header: its end is just the end
     piped = bytearray(cut)
     piped[start - 4 : start] = (0xFFFFFFFF).to_bytes(4, "little")
-    result = subprocess.run(
-        [sys.executable, "-m", "splitstems", "stream", "-", "-o", tmp_path / "piped"],
-        env={**os.environ, **model_env},
-        input=bytes(piped),
-        capture_output=True,
-        timeout=120,
-    )
+    result = _run(model_env, "-", "-o", tmp_path / "piped", data=bytes(piped))
     assert result.returncode == 0, result.stderr.decode()
 
 
@@ -237,13 +218,7 @@ def test_a_wav_cut_short_on_stdin_says_truncated_and_keeps_what_came(
 def test_usage_errors_are_one_line_and_exit_2(
     model_env: dict[str, str], args: list[str], message: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "splitstems", "stream", *args],
-        env={**os.environ, **model_env},
-        input=b"",
-        capture_output=True,
-        timeout=120,
-    )
+    result = _run(model_env, *args, data=b"")
     assert result.returncode == 2
     assert result.stderr.decode().strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr.decode()
@@ -521,7 +496,7 @@ def test_ctrl_c_does_not_wait_for_what_the_reader_reads_after_it() -> None:
     # emptied, so taking "until empty" after a Ctrl-C went on to the end of the file
     from splitstems.cli.stream import QUEUE_BLOCKS, _Reader
 
-    reader = _Reader(lambda: (np.zeros((10, 2), np.float32) for _ in range(100_000)))
+    reader = _Reader(lambda: (np.zeros((10, 2), np.float32) for _ in range(QUEUE_BLOCKS + 5)))
     reader.start()
     deadline = time.monotonic() + 10
     while reader.queue.qsize() < QUEUE_BLOCKS:  # full: the reader waits to put more
@@ -534,3 +509,6 @@ def test_ctrl_c_does_not_wait_for_what_the_reader_reads_after_it() -> None:
         time.sleep(0.01)
     taken = 1 + sum(1 for _ in queued)
     assert taken == QUEUE_BLOCKS  # what was queued at the Ctrl-C, not what came after
+    assert sum(1 for _ in reader.blocks()) == 5  # the rest, then the reader ends
+    reader.join(timeout=10)
+    assert not reader.is_alive()
