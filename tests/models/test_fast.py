@@ -53,9 +53,10 @@ def test_fusing_leaves_the_model_alone():
     assert model.training
     storages = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     for unet in fast.unets:
-        tensors = [*unet.enc_weight, *unet.enc_bias, *unet.dec_weight, *unet.dec_bias]
-        tensors += [unet.out_weight, unet.out_bias]
-        tensors += [t for pair in (*unet.enc_bn, *unet.dec_bn) for t in pair]
+        tensors = [*unet.enc_weight, *unet.enc_bias, *unet.dec_bias, unet.last_weight]
+        tensors += [w for phases in unet.dec_phases for _, _, w in phases]
+        tensors += [unet.last_bias, unet.out_weight, unet.out_bias]
+        tensors += [t for pair in (*unet.enc_bn, *unet.dec_bn, unet.last_bn) for t in pair]
         assert all(t.untyped_storage().data_ptr() not in storages for t in tensors)
 
 

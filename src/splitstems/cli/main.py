@@ -28,7 +28,7 @@ from splitstems.cli.options import (
     Parser,
     check_mwf_options,
 )
-from splitstems.device import load_meter
+from splitstems.device import keep_freed_memory, load_meter
 from splitstems.errors import SplitstemsError
 
 
@@ -152,6 +152,7 @@ def run() -> NoReturn:
     right away after flushing the logs and standard streams.
     """
     gc.disable()  # until the start-up imports are done (see finish_startup)
+    keep_freed_memory()
     try:
         code = main()
     except BrokenPipeError:  # the reader of our output went away (`| head`)

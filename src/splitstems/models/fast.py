@@ -5,10 +5,13 @@ into :class:`FastSpleeterModel`, which computes the same function (float32 round
 apart) with:
 
 - BatchNorm reduced to a per-channel scale and shift, fused with the activation;
-- each stride-2 transposed convolution rewritten as one ordinary 3x3 convolution into
-  four polyphase outputs followed by ``pixel_shuffle`` (TF's "same" crop included), which
-  oneDNN runs much faster than a transposed convolution, above all for the 1-channel
-  last layer;
+- each stride-2 transposed convolution rewritten as ordinary convolutions, one per
+  output phase (pixel parity), with only that phase's taps of the 5x5 kernel: 2x2, 2x3,
+  3x2 and 3x3 (TF's "same" crop included). oneDNN runs them much faster than a
+  transposed convolution; the 1-channel last layer is one 3x3 convolution into the four
+  phases (zero taps included) followed by ``pixel_shuffle``, faster there;
+- the decoder's ReLU done by the convolution (a oneDNN post-op: the same numbers), its
+  BatchNorm written straight into the skip buffer of the next level;
 - channels-last memory format throughout, and the skip concatenations written into
   preallocated buffers rather than copied by ``torch.cat``.
 """
@@ -24,7 +27,13 @@ from torch import nn
 
 from splitstems.models.unet import KERNEL, SpleeterModel, UNet
 
-__all__ = ["FastUNet", "FastSpleeterModel", "fuse_for_inference", "polyphase_weight"]
+__all__ = [
+    "FastUNet",
+    "FastSpleeterModel",
+    "fuse_for_inference",
+    "polyphase_weight",
+    "phase_weights",
+]
 
 
 def polyphase_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -52,6 +61,32 @@ def polyphase_weight(weight: torch.Tensor) -> torch.Tensor:
                     else:
                         target.zero_()
     return poly.reshape(n_out * 4, 3, 3, n_in).permute(0, 3, 1, 2)
+
+
+#: Taps of a 5x5 stride-2 transposed convolution that reach output rows of parity p,
+#: for the input rows m-1, m(, m+1) (see :func:`polyphase_weight`).
+PHASE_TAPS = ((3, 1), (4, 2, 0))
+
+
+def phase_weights(weight: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """ConvTranspose2d weight (in, out, 5, 5) → ``(p, q, Conv2d weight)`` per output phase.
+
+    Output pixel ``(2m+p, 2n+q)`` of TF's "same" transposed convolution is a correlation
+    of the input rows ``m-1 ..`` and columns ``n-1 ..`` with the taps ``PHASE_TAPS[p]`` x
+    ``PHASE_TAPS[q]``: kernels of 2 or 3 rows and columns, run with padding 1 (a 2-tap
+    axis then gives one extra output at the end, dropped). The same sums as
+    :func:`polyphase_weight` without its zero taps (a third of its work). Channels-last.
+    """
+    n_in, n_out, k, _ = weight.shape
+    if k != KERNEL:
+        raise ValueError(f"phase form is derived for {KERNEL}x{KERNEL} kernels, got {k}")
+    phases = []
+    for p, rows in enumerate(PHASE_TAPS):
+        for q, cols in enumerate(PHASE_TAPS):
+            taps = weight[:, :, list(rows)][:, :, :, list(cols)]  # (in, out, kh, kw)
+            conv = taps.permute(1, 0, 2, 3).contiguous(memory_format=torch.channels_last)
+            phases.append((p, q, conv))
+    return phases
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,14 +159,18 @@ class _Conv:
     #: windows vary, kept 4 sets (391 MB) on a 30 s file before this bound.
     MAX_SHAPES = 2
 
-    def __init__(self, stride: int = 1, padding: int = 0, dilation: int = 1) -> None:
+    def __init__(
+        self, stride: int = 1, padding: int = 0, dilation: int = 1, post_op: str = "none"
+    ) -> None:
         self.stride, self.padding, self.dilation = [stride] * 2, [padding] * 2, [dilation] * 2
+        self.post_op = post_op  # "none" or "relu" (applied by oneDNN, or after F.conv2d)
         self.packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
 
     def __deepcopy__(self, memo: dict) -> _Conv:
         """Return a copy without the packed weights (made again on first use)."""
         copy = _Conv()
         copy.stride, copy.padding, copy.dilation = self.stride, self.padding, self.dilation
+        copy.post_op = self.post_op
         return copy
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -148,13 +187,23 @@ class _Conv:
                 else:
                     self.packed.move_to_end(key)
                 return torch.ops.mkldnn._convolution_pointwise(
-                    x, packed, bias, self.padding, self.stride, self.dilation, 1, "none", [], ""
+                    x,
+                    packed,
+                    bias,
+                    self.padding,
+                    self.stride,
+                    self.dilation,
+                    1,
+                    self.post_op,
+                    [],
+                    "",
                 )
             except (AttributeError, RuntimeError, NotImplementedError):
                 _Conv.supported = False
-        return F.conv2d(
+        out = F.conv2d(
             x, weight, bias, stride=self.stride, padding=self.padding, dilation=self.dilation
         )
+        return F.relu_(out) if self.post_op == "relu" else out
 
 
 class FastUNet(nn.Module):
@@ -168,16 +217,23 @@ class FastUNet(nn.Module):
         self.enc_bias = [b.conv.bias.detach().clone() for b in unet.encoder]
         self.enc_bn = [_bn_affine(b.bn) for b in unet.encoder]
         self.enc_act = _activation(unet.encoder[0].act)
-        self.dec_weight = [
-            polyphase_weight(b.deconv.weight.detach()).contiguous(memory_format=cl)
-            for b in unet.decoder
+        # Decoder levels but the last: one convolution per output phase, written into
+        # the skip buffers. The last (1 channel): one polyphase convolution, its BatchNorm
+        # repeated for the 4 planes of its channel.
+        *inner, last = unet.decoder
+        self.dec_phases = [
+            [(p, q, w) for p, q, w in phase_weights(b.deconv.weight.detach())] for b in inner
         ]
-        self.dec_bias = [b.deconv.bias.detach().repeat_interleave(4) for b in unet.decoder]
-        # BatchNorm of the 4 polyphase planes of each output channel: repeated 4 times.
-        self.dec_bn = [
-            tuple(t.repeat_interleave(4, dim=0) for t in _bn_affine(b.bn)) for b in unet.decoder
-        ]
+        self.dec_bias = [b.deconv.bias.detach().clone() for b in inner]
+        self.dec_bn = [_bn_affine(b.bn) for b in inner]
+        self.last_weight = polyphase_weight(last.deconv.weight.detach()).contiguous(
+            memory_format=cl
+        )
+        self.last_bias = last.deconv.bias.detach().repeat_interleave(4)
+        self.last_bn = tuple(t.repeat_interleave(4, dim=0) for t in _bn_affine(last.bn))
         self.dec_act = _activation(unet.decoder[0].act)
+        # ReLU is done by the convolution itself (oneDNN post-op: the same numbers)
+        self.dec_post_op = "relu" if isinstance(unet.decoder[0].act, nn.ReLU) else "none"
         self.out_weight = unet.output.weight.detach().clone(memory_format=cl)
         self.out_bias = unet.output.bias.detach().clone()
         self._new_convs()
@@ -185,15 +241,20 @@ class FastUNet(nn.Module):
     def _new_convs(self) -> None:
         """Convolutions (and their packed weights, made on first use)."""
         self.enc_conv = [_Conv(stride=2) for _ in self.enc_weight]
-        self.dec_conv = [_Conv(padding=1) for _ in self.dec_weight]
+        post_op = self.dec_post_op
+        self.dec_conv = [[_Conv(padding=1, post_op=post_op) for _ in p] for p in self.dec_phases]
+        self.last_conv = _Conv(padding=1, post_op=post_op)
         self.out_conv = _Conv(padding=3, dilation=2)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - keep plain tensor lists on device
         super()._apply(fn, recurse)
-        for name in ("enc_weight", "enc_bias", "dec_weight", "dec_bias"):
+        for name in ("enc_weight", "enc_bias", "dec_bias"):
             setattr(self, name, [fn(t) for t in getattr(self, name)])
+        self.dec_phases = [[(p, q, fn(w)) for p, q, w in phases] for phases in self.dec_phases]
         self.enc_bn = [(fn(a), fn(b)) for a, b in self.enc_bn]
         self.dec_bn = [(fn(a), fn(b)) for a, b in self.dec_bn]
+        self.last_weight, self.last_bias = fn(self.last_weight), fn(self.last_bias)
+        self.last_bn = (fn(self.last_bn[0]), fn(self.last_bn[1]))
         self.out_weight, self.out_bias = fn(self.out_weight), fn(self.out_bias)
         self._new_convs()  # packed weights of the old tensors are dropped
         return self
@@ -229,23 +290,31 @@ class FastUNet(nn.Module):
                 scale, shift = _rows(scale, conv), _rows(shift, conv)
                 self.enc_act(torch.addcmul(shift, conv, scale, out=inner))
         h = conv  # the decoder starts from the raw 6th convolution
-        for j in range(n_levels):
-            # Activation and BatchNorm are per pixel and per channel, so they are applied to
-            # the four polyphase planes before they are interleaved (pixel shuffle).
-            up = self.dec_conv[j](h, self.dec_weight[j], self.dec_bias[j])
-            scale, shift = (_rows(t, up) for t in self.dec_bn[j])
-            up = torch.addcmul(shift, self.dec_act(up), scale, out=up)
-            level = n_levels - 2 - j
-            if level < 0:
-                h = F.pixel_shuffle(up, 2)
-                break
-            merge = merges[level]
-            n_out = up.shape[1] // 4
-            rows, cols = up.shape[-2:]
-            # pixel_shuffle written straight into the second half of the skip buffer
+        act = None if self.dec_post_op != "none" else self.dec_act
+        for j, phases in enumerate(self.dec_phases):
+            # Each phase's ReLU and BatchNorm are per pixel and per channel: applied to
+            # the phase's output as it is written to its pixels of the skip buffer.
+            merge = merges[n_levels - 2 - j]
+            n_out = self.dec_bias[j].shape[0]
+            rows, cols = h.shape[-2:]
             target = merge[:, n_out:].unflatten(2, (rows, 2)).unflatten(4, (cols, 2))
-            target.copy_(up.unflatten(1, (n_out, 2, 2)).permute(0, 1, 4, 2, 5, 3))
+            scale = shift = None
+            for (p, q, weight), convolve in zip(phases, self.dec_conv[j], strict=True):
+                up = convolve(h, weight, self.dec_bias[j])[:, :, :rows, :cols]
+                if act is not None:
+                    up = act(up)
+                if scale is None:
+                    scale, shift = (_rows(t, up) for t in self.dec_bn[j])
+                if up.dtype == torch.float32:
+                    torch.addcmul(shift, up, scale, out=target[:, :, :, p, :, q])
+                else:  # a strided bfloat16 output is slow (12x on the last levels)
+                    target[:, :, :, p, :, q].copy_(torch.addcmul(shift, up, scale, out=up))
             h = merge
+        up = self.last_conv(h, self.last_weight, self.last_bias)
+        if act is not None:
+            up = act(up)
+        scale, shift = (_rows(t, up) for t in self.last_bn)
+        h = F.pixel_shuffle(torch.addcmul(shift, up, scale, out=up), 2)
         return self.out_conv(h, self.out_weight, self.out_bias)
 
 
