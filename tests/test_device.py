@@ -242,3 +242,43 @@ def test_models_are_built_and_fused_on_one_thread_then_the_engines_count(monkeyp
         assert torch.get_num_threads() == engine.threads == 2
     finally:
         torch.set_num_threads(before)
+
+
+_REUSE = textwrap.dedent(
+    """
+    import ctypes
+    import numpy as np
+    from splitstems.device import keep_freed_memory
+
+    class MallInfo2(ctypes.Structure):  # glibc >= 2.33
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    kept = keep_freed_memory()
+    block = np.ones(64 << 20, np.uint8)  # above glibc's largest mmap threshold (32 MB)
+    mapped = libc.mallinfo2().hblkhd  # bytes in blocks mapped on their own
+    del block
+    heap = libc.mallinfo2().arena  # bytes the heap holds, free or not
+    print(kept, mapped >> 20, heap >> 20)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_freed_memory_is_kept_for_reuse(setting):
+    # A 64 MB block: with glibc's defaults mapped on its own and unmapped when freed
+    # (the next one is mapped and its pages faulted in again); kept, it comes from the
+    # heap and stays there when freed.
+    env = {**os.environ, "SPLITSTEMS_KEEP_FREED_MEMORY": setting}
+    done = subprocess.run(
+        [sys.executable, "-c", _REUSE], capture_output=True, text=True, env=env, check=True
+    )
+    kept, mapped_mb, heap_mb = done.stdout.split()
+    if setting == "0":
+        assert kept == "False" and int(mapped_mb) >= 64 and int(heap_mb) < 64
+    else:
+        assert kept == "True" and int(mapped_mb) == 0 and int(heap_mb) >= 64

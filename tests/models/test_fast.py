@@ -8,7 +8,7 @@ import torch.nn.functional as F  # noqa: N812
 from fidelity import randomise_batchnorm
 
 from splitstems.config import load_config
-from splitstems.models.fast import _Conv, fuse_for_inference, polyphase_weight
+from splitstems.models.fast import _Conv, fuse_for_inference, phase_weights, polyphase_weight
 from splitstems.models.unet import SpleeterModel
 
 
@@ -94,3 +94,17 @@ def test_packed_weights_are_kept_for_the_last_two_input_shapes_only():
         assert [key[:4] for key in first_conv.packed] == [(1, 2, 131, 1027), (1, 2, 67, 1027)]
         again = fast(torch.rand(*shapes[0], generator=torch.Generator().manual_seed(1)))
     assert torch.equal(again, outputs[0])  # packed again after eviction: the same numbers
+
+
+@pytest.mark.parametrize("n_in,n_out", [(4, 3), (3, 1)])
+def test_phase_convolutions_equal_cropped_transposed_conv(n_in, n_out):
+    torch.manual_seed(0)
+    deconv = torch.nn.ConvTranspose2d(n_in, n_out, 5, stride=2)
+    x = torch.randn(2, n_in, 6, 10)
+    expected = deconv(x)[..., 1:13, 1:21]
+    phases = phase_weights(deconv.weight)
+    assert sorted((p, q) for p, q, _ in phases) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for p, q, weight in phases:
+        assert weight.shape[2:] == (2 + p, 2 + q)  # only the taps that reach the phase
+        got = F.conv2d(x, weight, deconv.bias, padding=1)[..., :6, :10]
+        torch.testing.assert_close(got, expected[..., p::2, q::2], rtol=1e-5, atol=1e-5)
