@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from splitstems import audio
 from splitstems.readahead import prefetch
 
 
@@ -98,7 +99,7 @@ import resource, signal, sys, threading
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 from splitstems.cli.main import main
-code = main(["separate", "-o", *sys.argv[1:]])
+code = main(["separate", sys.argv[1], sys.argv[2], "-o", *sys.argv[3:]])
 left = [t.name for t in threading.enumerate()
         if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]
 print("exit", code, "threads", left)
@@ -115,18 +116,27 @@ def _noise_wav(path: Path, seconds: float, seed: int) -> None:
         handle.writeframes(pcm.tobytes())
 
 
-def test_failing_writes_in_a_batch_leave_no_threads(tmp_path, model_env, separator_2stems):
+@pytest.mark.parametrize("suffix", ["wav", "flac"])
+def test_failing_writes_in_a_batch_leave_no_threads(tmp_path, model_env, separator_2stems, suffix):
     # 65 s = three 30 s chunks: the read-ahead has decoded them all and is about to say
     # "done" when the first stem write fails. Each file must fail with one line, and no
     # read-ahead thread may be left behind (before: one per file, each after a 5 s wait).
+    # WAV is read and written in line; FLAC in threads (a read-ahead, an encoder per stem).
     # (separator_2stems has put the converted model in the cache: no big write is needed.)
-    _noise_wav(tmp_path / "song0.wav", 65.0, seed=0)
-    inputs = [tmp_path / f"song{i}.wav" for i in range(3)]
+    _noise_wav(tmp_path / "noise.wav", 65.0, seed=0)
+    first = tmp_path / f"song0.{suffix}"
+    if suffix == "wav":
+        (tmp_path / "noise.wav").rename(first)
+    else:
+        with audio.AudioWriter(first, sample_rate=44100) as writer:
+            writer.write(audio.load(tmp_path / "noise.wav"))
+    inputs = [tmp_path / f"song{i}.{suffix}" for i in range(3)]
     for link in inputs[1:]:
-        link.symlink_to(inputs[0])
+        link.symlink_to(first)
     env = {**os.environ, **model_env}
     result = subprocess.run(
-        [sys.executable, "-c", _FAILING_BATCH, str(tmp_path / "out"), *map(str, inputs)],
+        [sys.executable, "-c", _FAILING_BATCH, "-c", suffix, str(tmp_path / "out")]
+        + [str(path) for path in inputs],
         capture_output=True,
         text=True,
         env=env,

@@ -59,6 +59,7 @@ __all__ = [
     "NonFinite",
     "load",
     "probe",
+    "is_pcm",
     "save",
     "stream",
 ]
@@ -96,6 +97,16 @@ class AudioInfo:
     sample_rate: int
     n_channels: int
     codec: str
+
+
+def is_pcm(codec: str) -> bool:
+    """Whether an FFmpeg codec name (:attr:`AudioInfo.codec`) is uncompressed PCM.
+
+    Decoding or encoding PCM is a copy: a thread of its own costs a separation more (in
+    contention with torch's threads) than doing it in line (see
+    :meth:`splitstems.separator.Separator.separate_to_file`).
+    """
+    return codec.startswith("pcm_")
 
 
 # --------------------------------------------------------------------------- errors
@@ -1379,6 +1390,11 @@ class AudioWriter:
             self.close()
         else:
             self.abort()
+
+    @property
+    def pcm(self) -> bool:
+        """Whether the file's encoder is uncompressed PCM (see :func:`is_pcm`)."""
+        return is_pcm(self._target.encoder)
 
     def write(self, chunk: np.ndarray) -> None:
         """Append ``chunk`` (``(n_samples, n_channels)``, or 1-D when mono); not modified."""
