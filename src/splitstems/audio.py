@@ -77,7 +77,7 @@ _SEEK_MIN_OFFSET = 10.0
 _SEEK_PREROLL = 1.0
 _RESAMPLE_QUALITY = "HQ"
 # Samples per frame handed to encoders that accept any frame size (PCM).
-_PCM_FRAME = 4096
+_PCM_FRAME = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -1242,8 +1242,10 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
     ``lrintf(x * 2**15)``, clipped to the int16 range; NaN becomes 0 and ±inf full scale.
     Every 16-bit output (files, and the raw or WAV streams of ``splitstems stream``) uses it.
     """
-    clean = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.clip(np.rint(clean * np.float32(32768)), -32768, 32767).astype(np.int16)
+    scaled = np.multiply(samples, np.float32(32768), dtype=np.float32)  # the one copy
+    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=32767.0, neginf=-32768.0)
+    np.rint(scaled, out=scaled)
+    return np.clip(scaled, -32768, 32767, out=scaled).astype(np.int16)
 
 
 def _to_encoder_array(data: np.ndarray, sample_format: str) -> np.ndarray:

@@ -185,6 +185,9 @@ class SpleeterModel(nn.Module):
     def load_weights(self, state: dict[str, torch.Tensor], *, source: str) -> SpleeterModel:
         """Load a state dict that must fit exactly (BatchNorm step counters aside).
 
+        The model takes the tensors of ``state`` as they are (no copy; converted only
+        where their dtype differs from the model's): pass tensors nothing else changes.
+
         Raises:
             CheckpointError: names missing or unexpected, or shapes that differ;
                 ``source`` names the weights in the message.
@@ -212,7 +215,9 @@ class SpleeterModel(nn.Module):
                 f"{source}: the weights do not fit the model (shapes: {'; '.join(wrong[:3])}{more})"
             )
         try:
-            self.load_state_dict(state, strict=False)
+            # assign: the loaded tensors become the parameters, no copy (30 ms, 2stems)
+            state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+            self.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as exc:
             cause = " ".join(str(exc).split())
             raise CheckpointError(f"{source}: the weights do not fit the model ({cause})") from None
