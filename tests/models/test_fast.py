@@ -8,7 +8,13 @@ import torch.nn.functional as F  # noqa: N812
 from fidelity import randomise_batchnorm
 
 from splitstems.config import load_config
-from splitstems.models.fast import _Conv, fuse_for_inference, phase_weights, polyphase_weight
+from splitstems.models.fast import (
+    _Conv,
+    _pixel_shuffle,
+    fuse_for_inference,
+    phase_weights,
+    polyphase_weight,
+)
 from splitstems.models.unet import SpleeterModel
 
 
@@ -108,3 +114,10 @@ def test_phase_convolutions_equal_cropped_transposed_conv(n_in, n_out):
         assert weight.shape[2:] == (2 + p, 2 + q)  # only the taps that reach the phase
         got = F.conv2d(x, weight, deconv.bias, padding=1)[..., :6, :10]
         torch.testing.assert_close(got, expected[..., p::2, q::2], rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_shuffle_into_channels_last():
+    x = torch.randn(2, 8, 5, 7).contiguous(memory_format=torch.channels_last)
+    got = _pixel_shuffle(x)
+    assert torch.equal(got, F.pixel_shuffle(x, 2))
+    assert got.is_contiguous(memory_format=torch.channels_last)
