@@ -248,3 +248,26 @@ def test_ordered_worker_runs_in_order_and_reports_errors():
             worker.join()
     finally:
         worker.join(raise_errors=False)  # its thread must not outlive the test
+
+
+def test_ordered_worker_drops_calls_not_started_on_the_way_out():
+    import threading
+
+    from splitstems.engine import OrderedWorker
+
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def slow(item):
+        started.set()
+        release.wait(10)
+        done.append(item)
+
+    worker = OrderedWorker(depth=3)
+    worker.submit(slow, 0)
+    started.wait(10)
+    worker.submit(done.append, 1)  # queued behind the running call
+    worker.submit(done.append, 2)
+    # the running call ends only once join has begun: the queued ones are dropped
+    threading.Timer(0.2, release.set).start()
+    worker.join(raise_errors=False)  # the way out after an interrupt
+    assert done == [0]

@@ -725,9 +725,18 @@ class OrderedWorker:
         self._pending.append(self._pool.submit(fn, *args))
 
     def join(self, *, raise_errors: bool = True) -> None:
-        """Wait for every queued call; raise the first error unless ``raise_errors`` is False."""
+        """Wait for every queued call; raise the first error unless ``raise_errors`` is False.
+
+        ``raise_errors=False`` is the way out after a failure or an interrupt: the calls
+        that have not started are dropped, only the running one is waited for.
+        """
+        if not raise_errors:
+            for future in self._pending:
+                future.cancel()  # False for the running call: it is waited for below
         try:
             for future in self._pending:
+                if future.cancelled():
+                    continue
                 error = future.exception()
                 if error is not None and raise_errors:
                     raise error
