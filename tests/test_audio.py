@@ -100,6 +100,43 @@ def test_int16_wav_written_by_wave_module_decodes_exactly(tmp_path: Path) -> Non
     np.testing.assert_array_equal(load(tmp_path / "w.wav"), ints.astype(np.float32) / 32768)
 
 
+def test_wav_files_are_opened_with_a_small_probe(tmp_path: Path) -> None:
+    # FFmpeg analyses ~1 MB of a PCM WAV before its first packet (18 ms an open); a WAV
+    # file gets a 32 KB probe, and decodes to the same samples (5 s: past the probe).
+    ints = np.random.default_rng(5).integers(-32768, 32768, (5 * SR, 2)).astype(np.int16)
+    _write_wav_int16(tmp_path / "w.wav", ints)
+    assert audio._probe_options(str(tmp_path / "w.wav")) == {"probesize": "32768"}
+    np.testing.assert_array_equal(load(tmp_path / "w.wav"), ints.astype(np.float32) / 32768)
+    save(tmp_path / "w.flac", ints.astype(np.float32) / 32768, sample_rate=SR)
+    assert audio._probe_options(str(tmp_path / "w.flac")) is None  # FFmpeg's defaults
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    assert audio._probe_options(str(fifo)) is None  # not opened: no writer, it would block
+
+
+def test_spdif_in_a_wav_is_still_found_with_the_small_probe(tmp_path: Path) -> None:
+    # AC-3 wrapped for S/PDIF in a 16-bit PCM WAV (as DVD rips have it): FFmpeg finds it
+    # in the first 64 KB, whatever the probe size; it must not be read as PCM noise.
+    import io
+
+    import av
+
+    raw = io.BytesIO()
+    with av.open(raw, "w", format="spdif") as container:
+        out = container.add_stream("ac3", rate=48000, layout="stereo")
+        tone = _tone(48000 * 2, rate=48000)
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(tone.T), format="fltp", layout="stereo"
+        )
+        frame.sample_rate = 48000
+        for packet in [*out.encode(frame), *out.encode(None)]:
+            container.mux(packet)
+    pcm = np.frombuffer(raw.getvalue(), "<i2")
+    _write_wav_int16(tmp_path / "spdif.wav", pcm[: pcm.size // 2 * 2].reshape(-1, 2), 48000)
+    assert audio._probe_options(str(tmp_path / "spdif.wav")) is not None
+    assert probe(tmp_path / "spdif.wav").codec == "ac3"
+
+
 def test_integer_encoding_clips_and_rounds_like_ffmpeg(tmp_path: Path) -> None:
     x = np.array([[1.0, -1.0], [1.5, -1.5], [0.5 / 32768, 1.5 / 32768], [-0.6 / 32768, 0.0]])
     save(tmp_path / "c.wav", x.astype(np.float32), sample_rate=SR)
