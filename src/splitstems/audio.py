@@ -1269,7 +1269,7 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
     Every 16-bit output (files, and the raw or WAV streams of ``splitstems stream``) uses it.
     """
     scaled = np.multiply(samples, np.float32(32768), dtype=np.float32)  # the one copy
-    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=32767.0, neginf=-32768.0)
+    np.copyto(scaled, 0, where=np.isnan(scaled))  # ±inf: clipped below
     np.rint(scaled, out=scaled)
     return np.clip(scaled, -32768, 32767, out=scaled).astype(np.int16)
 
@@ -1400,6 +1400,9 @@ class AudioWriter:
                 f"{self.n_channels} channel(s) ({_reason(exc)})"
             ) from exc
         self._stream = audio
+        # Encoders with a fixed frame size get exactly that (the last frame excepted);
+        # those without (PCM) take each write as it comes, in frames of at most _PCM_FRAME.
+        self._any_frame_size = not ctx.frame_size
         self._frame_size = ctx.frame_size or _PCM_FRAME
         if target.lead_in_frames:
             silence = np.zeros((target.lead_in_frames * self._frame_size, self.n_channels))
@@ -1450,6 +1453,8 @@ class AudioWriter:
 
     def _encode_full_frames(self, *, final: bool) -> None:
         size = self._frame_size
+        if self._any_frame_size:
+            final = True  # no remainder to carry: no copy of each write into the next
         if self._n_pending < size and not (final and self._n_pending):
             return
         data = np.concatenate(self._pending, axis=0) if len(self._pending) > 1 else self._pending[0]
