@@ -101,17 +101,19 @@ def test_int16_wav_written_by_wave_module_decodes_exactly(tmp_path: Path) -> Non
 
 
 def test_wav_files_are_opened_with_a_small_probe(tmp_path: Path) -> None:
-    # FFmpeg analyses ~1 MB of a PCM WAV before its first packet (18 ms an open); a WAV
-    # file gets a 32 KB probe, and decodes to the same samples (5 s: past the probe).
+    # FFmpeg analyses ~1 MB of a PCM WAV before its first packet (18 ms an open), and
+    # hands it out in 4 KB packets; a WAV file gets a 32 KB probe and 256 KB packets,
+    # and decodes to the same samples (5 s: past the probe, several packets).
     ints = np.random.default_rng(5).integers(-32768, 32768, (5 * SR, 2)).astype(np.int16)
     _write_wav_int16(tmp_path / "w.wav", ints)
-    assert audio._probe_options(str(tmp_path / "w.wav")) == {"probesize": "32768"}
+    options = audio._open_options(str(tmp_path / "w.wav"))
+    assert options == {"probesize": "32768", "max_size": "262144"}
     np.testing.assert_array_equal(load(tmp_path / "w.wav"), ints.astype(np.float32) / 32768)
     save(tmp_path / "w.flac", ints.astype(np.float32) / 32768, sample_rate=SR)
-    assert audio._probe_options(str(tmp_path / "w.flac")) is None  # FFmpeg's defaults
+    assert audio._open_options(str(tmp_path / "w.flac")) is None  # FFmpeg's defaults
     fifo = tmp_path / "pipe.wav"
     os.mkfifo(fifo)
-    assert audio._probe_options(str(fifo)) is None  # not opened: no writer, it would block
+    assert audio._open_options(str(fifo)) is None  # not opened: no writer, it would block
 
 
 def test_spdif_in_a_wav_is_still_found_with_the_small_probe(tmp_path: Path) -> None:
@@ -133,7 +135,7 @@ def test_spdif_in_a_wav_is_still_found_with_the_small_probe(tmp_path: Path) -> N
             container.mux(packet)
     pcm = np.frombuffer(raw.getvalue(), "<i2")
     _write_wav_int16(tmp_path / "spdif.wav", pcm[: pcm.size // 2 * 2].reshape(-1, 2), 48000)
-    assert audio._probe_options(str(tmp_path / "spdif.wav")) is not None
+    assert audio._open_options(str(tmp_path / "spdif.wav")) is not None
     assert probe(tmp_path / "spdif.wav").codec == "ac3"
 
 
