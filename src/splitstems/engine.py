@@ -395,8 +395,8 @@ class Engine:
 
         ``map_unets``: how the fused model runs its U-Nets (:class:`UNetWorkers.map`).
         """
-        if map_unets is not None and isinstance(self.model, FastSpleeterModel):
-            return self.model(magnitude.to(self.dtype), map_unets=map_unets).float()
+        if isinstance(self.model, FastSpleeterModel):  # converts the magnitudes itself
+            return self.model(magnitude, map_unets=map_unets)
         return self.model(magnitude.to(self.dtype)).float()
 
     def wiener_inputs(

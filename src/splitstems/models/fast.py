@@ -107,24 +107,35 @@ def _activation(module: nn.Module):  # -> Callable[[Tensor], Tensor], in place
     return lambda x: F.relu_(x)
 
 
-def tf_pad(x: torch.Tensor) -> torch.Tensor:
-    """Pad (B, C, H, W) by TF's stride-2 "same" padding (1 before, 2 after), channels last."""
-    out = _zero_bordered(x)
+def tf_pad(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Pad (B, C, H, W) by TF's stride-2 "same" padding (1 before, 2 after), channels last.
+
+    The result is in ``dtype`` (default: ``x``'s), converted as it is copied.
+    """
+    out = _zero_bordered(x, dtype)
     out[:, :, 1:-2, 1:-2] = x
     return out
 
 
-def _empty_channels_last(like: torch.Tensor, *size: int) -> torch.Tensor:
-    """Return an uninitialised channels-last tensor of ``size``, dtype and device of ``like``."""
+def _empty_channels_last(
+    like: torch.Tensor, *size: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Return an uninitialised channels-last tensor of ``size`` on ``like``'s device.
+
+    Its dtype is ``dtype``, or ``like``'s.
+    """
     return torch.empty(
-        size, dtype=like.dtype, device=like.device, memory_format=torch.channels_last
+        size, dtype=dtype or like.dtype, device=like.device, memory_format=torch.channels_last
     )
 
 
-def _zero_bordered(like: torch.Tensor) -> torch.Tensor:
-    """Return an uninitialised (B, C, H+3, W+3) channels-last buffer with zero TF padding."""
+def _zero_bordered(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Return an uninitialised (B, C, H+3, W+3) channels-last buffer with zero TF padding.
+
+    (B, C, H, W) is ``like``'s shape; the dtype ``dtype`` or ``like``'s.
+    """
     batch, channels, height, width = like.shape
-    out = _empty_channels_last(like, batch, channels, height + 3, width + 3)
+    out = _empty_channels_last(like, batch, channels, height + 3, width + 3, dtype=dtype)
     out[:, :, :1].zero_()
     out[:, :, -2:].zero_()
     out[:, :, :, :1].zero_()
@@ -353,10 +364,14 @@ class FastSpleeterModel(nn.Module):
     ) -> torch.Tensor:
         """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F).
 
+        The U-Nets run in the model's dtype (the magnitudes are converted as they are
+        padded); the estimates come in the magnitudes' dtype.
+
         ``map_unets(fn, unets)`` returns ``[fn(u) for u in unets]``, however it likes (the
         engine runs them side by side in threads); by default one after the other.
         """
-        padded = tf_pad(magnitude)
+        # the model's dtype (bfloat16 with --fast) from here, converted as it is padded
+        padded = tf_pad(magnitude, self.unets[0].out_weight.dtype)
         unets = list(self.unets)
         if map_unets is None:
             outputs = [unet(padded) for unet in unets]
@@ -366,7 +381,8 @@ class FastSpleeterModel(nn.Module):
         masks = torch.softmax(logits, dim=1) if self.softmax else logits.sigmoid_()
         # The stack interleaves instruments and channels (channels-last outputs): made
         # contiguous first, the product with the magnitudes is 5x (bfloat16: 30x) faster.
-        return masks.contiguous().mul_(magnitude.unsqueeze(1))
+        # It is computed in the magnitudes' dtype (float32 from the engine).
+        return torch.mul(masks.contiguous(), magnitude.unsqueeze(1))
 
 
 @torch.no_grad()
