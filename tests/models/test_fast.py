@@ -18,12 +18,17 @@ from splitstems.models.fast import (
 from splitstems.models.unet import SpleeterModel
 
 
-@pytest.mark.parametrize("n_in,n_out", [(4, 3), (3, 1)])
-def test_polyphase_equals_cropped_transposed_conv(n_in, n_out):
+def _transposed_conv(n_in: int, n_out: int):
+    """A 5x5 stride-2 transposed convolution, an input and its TF "same" output (cropped)."""
     torch.manual_seed(0)
     deconv = torch.nn.ConvTranspose2d(n_in, n_out, 5, stride=2)
     x = torch.randn(2, n_in, 6, 10)
-    expected = deconv(x)[..., 1:13, 1:21]
+    return deconv, x, deconv(x)[..., 1:13, 1:21]
+
+
+@pytest.mark.parametrize("n_in,n_out", [(4, 3), (3, 1)])
+def test_polyphase_equals_cropped_transposed_conv(n_in, n_out):
+    deconv, x, expected = _transposed_conv(n_in, n_out)
     poly = F.conv2d(
         F.pad(x, (1, 1, 1, 1)), polyphase_weight(deconv.weight), deconv.bias.repeat_interleave(4)
     )
@@ -104,10 +109,7 @@ def test_packed_weights_are_kept_for_the_last_two_input_shapes_only():
 
 @pytest.mark.parametrize("n_in,n_out", [(4, 3), (3, 1)])
 def test_phase_convolutions_equal_cropped_transposed_conv(n_in, n_out):
-    torch.manual_seed(0)
-    deconv = torch.nn.ConvTranspose2d(n_in, n_out, 5, stride=2)
-    x = torch.randn(2, n_in, 6, 10)
-    expected = deconv(x)[..., 1:13, 1:21]
+    deconv, x, expected = _transposed_conv(n_in, n_out)
     phases = phase_weights(deconv.weight)
     assert sorted((p, q) for p, q, _ in phases) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for p, q, weight in phases:
