@@ -370,13 +370,14 @@ def keep_freed_memory() -> bool:
     By default glibc serves every block of 32 MB or more (a segment's spectrogram, a
     stem's iFFT frames: 20-60 MB each) with its own ``mmap`` and gives it back to the
     system when freed, so the next block of that size is mapped again and its pages
-    are faulted in, zeroed, one by one: ~600,000 page faults and ~0.1-0.2 s of a
-    3-minute separation on 2 CPUs (2026-11-30). Served from the heap and kept there
-    instead (no ``mmap`` for single blocks; the heap's top given back only past
-    :data:`TRIM_THRESHOLD`), the same blocks are reused: ~160,000 faults, same peak
-    memory. Process-wide, so only the command line calls it (first thing), not the
-    library. Elsewhere than glibc (macOS, musl) it does nothing and returns False, and
-    so does ``SPLITSTEMS_KEEP_FREED_MEMORY=0`` (glibc's defaults: for comparisons).
+    are faulted in, zeroed, one by one: a process separating a 3-minute song made
+    ~610,000 page faults, and the separation took 0.1-0.2 s longer on 2 CPUs
+    (2026-11-30). Served from the heap and kept there instead (no ``mmap`` for single
+    blocks; the heap's top given back only past :data:`TRIM_THRESHOLD`), the same
+    blocks are reused: ~160,000 faults, the same peak memory. Process-wide, so only
+    the command line calls it (first thing), not the library. Elsewhere than glibc
+    (macOS, musl) it does nothing and returns False, and so does
+    ``SPLITSTEMS_KEEP_FREED_MEMORY=0`` (glibc's defaults: for comparisons).
     """
     import ctypes
     import ctypes.util

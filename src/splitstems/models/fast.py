@@ -247,9 +247,7 @@ class FastUNet(nn.Module):
         # the skip buffers. The last (1 channel): one polyphase convolution, its BatchNorm
         # repeated for the 4 planes of its channel.
         *inner, last = unet.decoder
-        self.dec_phases = [
-            [(p, q, w) for p, q, w in phase_weights(b.deconv.weight.detach())] for b in inner
-        ]
+        self.dec_phases = [phase_weights(b.deconv.weight.detach()) for b in inner]
         self.dec_bias = [b.deconv.bias.detach().clone() for b in inner]
         self.dec_bn = [_bn_affine(b.bn) for b in inner]
         self.last_weight = polyphase_weight(last.deconv.weight.detach()).contiguous(
