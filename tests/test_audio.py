@@ -827,3 +827,17 @@ def test_a_writer_removes_the_temp_files_a_killed_run_left(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [mine.name, other.name, "vocals.wav"]
     )
+
+
+@pytest.mark.parametrize("suffix", ["wav", "flac"])
+def test_writer_keeps_no_view_of_the_callers_chunks(tmp_path: Path, suffix: str) -> None:
+    # A caller that reuses its buffer after write() must not change what was written
+    # (FLAC's frames are 4,608 samples: the end of the first chunk waits for the next).
+    first, second = _tone(10_000), _tone(10_000, freq=660.0)
+    with AudioWriter(tmp_path / f"kept.{suffix}", sample_rate=SR) as writer:
+        buffer = first.copy()
+        writer.write(buffer)
+        buffer[:] = 0.5  # reused
+        writer.write(second)
+    expected = np.concatenate([first, second])
+    np.testing.assert_allclose(load(tmp_path / f"kept.{suffix}"), expected, atol=1 / 32768)

@@ -291,3 +291,15 @@ def test_a_glob_that_matches_nothing_says_so(separator_2stems, tmp_path):
     (result,) = _separate(separator_2stems, expand_inputs([pattern]), tmp_path / "out").results
     assert result.status == "failed"
     assert result.reason == f"{pattern}: no file matches this pattern"
+
+
+def test_a_stem_folder_that_is_a_file_is_named_as_such(separator_2stems, library, tmp_path):
+    # Where a file's stems would go is a regular file: its error names that, not the
+    # hidden record of finished stems in it (which cannot exist there); others go on.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("a file where the stem folder of a.wav would go")
+    report = _separate(separator_2stems, [library / "a.wav", library / "sub" / "b.flac"], out)
+    assert [r.status for r in report.results] == ["failed", "done"]
+    reason = report.failed[0].reason
+    assert "is not a directory" in reason and ".splitstems.json" not in reason, reason

@@ -546,23 +546,33 @@ def test_quality_options_reach_the_engine(song, tmp_path):
 
 
 _STARTUP = """
-import gc, sys
+import ctypes, gc, sys
+import numpy as np
 {pause}
 from splitstems.cli.main import build_parser, finish_startup
 finish_startup(build_parser().parse_args({argv!r}))
-print(gc.isenabled(), gc.get_freeze_count() > 0, "torch" in sys.modules)
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33: bytes in blocks mapped on their own
+    _fields_ = [(name, ctypes.c_size_t) for name in "abcdefghij"]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+block = np.ones(64 << 20, np.uint8)
+kept = libc.mallinfo2().e < 64 << 20  # from the kept heap, not mapped on its own
+print(gc.isenabled(), gc.get_freeze_count() > 0, "torch" in sys.modules, kept)
 """
 
 
 @pytest.mark.parametrize(
     ("pause", "argv", "expected"),
     [
-        # the console entry point pauses the collector: torch is imported, start-up frozen
-        ("gc.disable()", ["separate", "song.wav"], "True True True"),
+        # the console entry point pauses the collector: torch is imported, start-up
+        # frozen, malloc keeps freed memory
+        ("gc.disable()", ["separate", "song.wav"], "True True True True"),
         # commands that never need torch do not pay its import
-        ("gc.disable()", ["models"], "True True False"),
-        # a caller of main() keeps its collector as it was
-        ("", ["separate", "song.wav"], "True False False"),
+        ("gc.disable()", ["models"], "True True False True"),
+        # a server keeps running: its freed memory goes back to the system
+        ("gc.disable()", ["serve"], "True True True False"),
+        # a caller of main() keeps its collector and its malloc as they were
+        ("", ["separate", "song.wav"], "True False False False"),
     ],
 )
 def test_startup_imports_torch_with_the_collector_paused_then_freezes(pause, argv, expected):
@@ -571,3 +581,28 @@ def test_startup_imports_torch_with_the_collector_paused_then_freezes(pause, arg
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.split() == expected.split()
+
+
+_INTERRUPTED_IMPORT = """
+import gc, sys
+gc.disable()  # as the console entry point (run), which imports torch at start-up
+class CtrlC:  # Ctrl-C arrives while torch is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+from splitstems.cli.main import main
+sys.exit(main(["separate", "-o", "out", "song.wav"]))
+"""
+
+
+def test_ctrl_c_while_torch_is_imported_is_an_interrupt(tmp_path):
+    # One line and exit 130, as later in the command (it was a 17-58 line traceback).
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_IMPORT],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")

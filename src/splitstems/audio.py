@@ -1466,8 +1466,8 @@ class AudioWriter:
         cut = len(data) if final else n_full
         for begin in range(0, cut, size):
             self._encode(data[begin : begin + size])
-        rest = data[cut:]
-        self._pending = [rest] if len(rest) else []
+        rest = data[cut:]  # less than a frame; copied: it may be the caller's array
+        self._pending = [rest.copy()] if len(rest) else []
         self._n_pending = len(rest)
 
     def _encode(self, data: np.ndarray | None) -> None:

@@ -411,6 +411,10 @@ def _forget(record: Path) -> None:
     try:
         record.unlink(missing_ok=True)
     except OSError as exc:
+        if not os.path.lexists(record):
+            # nothing to forget (its folder is a file, or on a read-only file system):
+            # the stems' own writer then says what is wrong with the place, not this
+            return
         raise OutputError(f"{record}: cannot remove ({exc.strerror or exc})") from None
 
 

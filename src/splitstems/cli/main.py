@@ -109,9 +109,15 @@ def finish_startup(args: argparse.Namespace) -> None:
     ~10^5 objects it leaves were walked again by each full collection of the command
     (0.09 s in a 3-minute separation, 2026-11-30); frozen, no collection looks at them.
     Commands that never import torch (``models``, ``convert``) skip it.
+
+    Glibc's malloc is told to keep freed memory first (:func:`keep_freed_memory`),
+    except for commands that keep running (``serve``), whose memory goes back to the
+    system when a job is done.
     """
     if gc.isenabled():
         return
+    if not getattr(args, "long_running", False):
+        keep_freed_memory()
     try:
         if getattr(args, "imports_torch", True):
             import torch  # noqa: F401 - imported here for the collector's sake
@@ -124,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     load_meter()  # start-up is the first window in which other processes' load is seen
     args = build_parser().parse_args(argv)
-    finish_startup(args)
     problem = check_mwf_options(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -132,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_signal_handlers()
     setup_logging(verbose=getattr(args, "verbose", False))
     try:
+        finish_startup(args)  # inside: Ctrl-C while torch is imported is an interrupt too
         return args.handler(args)
     except SplitstemsError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -152,7 +158,6 @@ def run() -> NoReturn:
     right away after flushing the logs and standard streams.
     """
     gc.disable()  # until the start-up imports are done (see finish_startup)
-    keep_freed_memory()
     try:
         code = main()
     except BrokenPipeError:  # the reader of our output went away (`| head`)

@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction, **kwargs: object) -> None:
         "--threads", type=positive_int, default=None, help="CPU threads (default: automatic)"
     )
     serve.add_argument("--verbose", action="store_true", help="more logging")
-    serve.set_defaults(handler=run)
+    serve.set_defaults(handler=run, long_running=True)  # see cli.main.finish_startup
 
 
 def run(args: argparse.Namespace) -> int:
