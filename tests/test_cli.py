@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from signals import as_in_a_terminal, as_under_nohup
 
 from splitstems import audio
 from splitstems.cli import build_parser, main
@@ -442,6 +443,7 @@ def long_song(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start_separate(env: dict[str, str], *args: object, **popen: object) -> subprocess.Popen:
+    popen.setdefault("preexec_fn", as_in_a_terminal)
     return subprocess.Popen(
         [sys.executable, "-m", "splitstems", "separate", *map(str, args)],
         env={**os.environ, **env},
@@ -500,7 +502,7 @@ def test_sighup_under_nohup_does_not_stop_separate(long_song, tmp_path, model_en
         "-d",
         "90",
         long_song,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+        preexec_fn=as_under_nohup,
     )
     try:
         _wait_for_stems_of(proc, out / "long")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from signals import as_in_a_terminal
 
 from splitstems import audio
 from splitstems.liveio import DeviceInput, DevicePlayer, GrowingWav, WavStreamWriter
@@ -38,6 +39,7 @@ def _start(model_env: dict[str, str], *args: object) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         bufsize=0,
+        preexec_fn=as_in_a_terminal,
     )
 
 

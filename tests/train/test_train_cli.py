@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from signals import as_in_a_terminal, as_under_nohup
 from trainkit import mixed_csv, write_config
 
 from splitstems.cli import main
@@ -53,7 +54,7 @@ def test_sighup_saves_and_stops_unless_ignored(previews, tmp_path, inherited):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore else None,
+        preexec_fn=as_under_nohup if ignore else as_in_a_terminal,
     )
     try:
         log = out / LOG
