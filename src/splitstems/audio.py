@@ -150,13 +150,18 @@ def _check_input(path: str | os.PathLike[str]) -> str:
 _MAGIC = (b"ID3", b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM", b"\x30\x26\xb2\x75", b"\x1a\x45")
 
 
-def _looks_like_audio(name: str) -> bool:
-    """Whether the file starts like a known audio container (to tell truncation apart)."""
+def _file_head(name: str) -> bytes:
+    """Return a file's first 12 bytes (its container's magic), or b"" if unreadable."""
     try:
         with open(name, "rb") as f:
-            head = f.read(12)
+            return f.read(12)
     except OSError:
-        return False
+        return b""
+
+
+def _looks_like_audio(name: str) -> bool:
+    """Whether the file starts like a known audio container (to tell truncation apart)."""
+    head = _file_head(name)
     mpeg_sync = len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0
     return head.startswith(_MAGIC) or head[4:8] == b"ftyp" or mpeg_sync
 
@@ -179,13 +184,9 @@ def _open_options(name: str) -> dict[str, str] | None:
     samples. Other containers keep FFmpeg's defaults, and only regular files are looked
     at (a pipe's bytes are not read twice).
     """
-    try:
-        if not os.path.isfile(name):
-            return None
-        with open(name, "rb") as f:
-            head = f.read(12)
-    except OSError:
+    if not os.path.isfile(name):
         return None
+    head = _file_head(name)
     if head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
         return dict(_WAV_OPTIONS)
     return None

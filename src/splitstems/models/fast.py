@@ -322,13 +322,11 @@ class FastUNet(nn.Module):
             n_out = self.dec_bias[j].shape[0]
             rows, cols = h.shape[-2:]
             target = merge[:, n_out:].unflatten(2, (rows, 2)).unflatten(4, (cols, 2))
-            scale = shift = None
+            scale, shift = (_rows(t, h) for t in self.dec_bn[j])  # rows of ``cols`` pixels
             for (p, q, weight), convolve in zip(phases, self.dec_conv[j], strict=True):
                 up = convolve(h, weight, self.dec_bias[j])[:, :, :rows, :cols]
                 if act is not None:
                     up = act(up)
-                if scale is None:
-                    scale, shift = (_rows(t, up) for t in self.dec_bn[j])
                 if up.dtype == torch.float32:
                     torch.addcmul(shift, up, scale, out=target[:, :, :, p, :, q])
                 else:  # a strided bfloat16 output is slow (12x on the last levels)
