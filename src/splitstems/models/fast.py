@@ -373,12 +373,18 @@ class FastSpleeterModel(nn.Module):
             outputs = [unet(padded) for unet in unets]
         else:
             outputs = map_unets(lambda unet: unet(padded), unets)
-        logits = torch.stack(outputs, dim=1)
-        masks = torch.softmax(logits, dim=1) if self.softmax else logits.sigmoid_()
-        # The stack interleaves instruments and channels (channels-last outputs): made
-        # contiguous first, the product with the magnitudes is 5x (bfloat16: 30x) faster.
-        # It is computed in the magnitudes' dtype (float32 from the engine).
-        return torch.mul(masks.contiguous(), magnitude.unsqueeze(1))
+        # The products with the magnitudes are computed in the magnitudes' dtype (float32
+        # from the engine), on contiguous masks: 5x (bfloat16: 30x) faster than on the
+        # channels-last outputs, whose instruments and channels a stack interleaves.
+        if self.softmax:
+            masks = torch.softmax(torch.stack(outputs, dim=1), dim=1)
+            return torch.mul(masks.contiguous(), magnitude.unsqueeze(1))
+        # Sigmoid: each U-Net's masks go straight into its rows of the estimates (the
+        # same numbers as a sigmoid of the stack; half the time, 2026-11-30).
+        estimates = magnitude.new_empty(magnitude.shape[0], len(outputs), *magnitude.shape[1:])
+        for i, logits in enumerate(outputs):
+            torch.sigmoid(logits.contiguous(), out=estimates[:, i])
+        return estimates.mul_(magnitude.unsqueeze(1))
 
 
 @torch.no_grad()
