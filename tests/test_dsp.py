@@ -79,6 +79,29 @@ def test_fused_istft_equals_frames_then_overlap_add(rng):
     )
 
 
+@pytest.mark.parametrize("n_frames", [3, 4, 9, 10, 11, 12, 13, 31, 40])
+@pytest.mark.parametrize("block", [4, 5, 8])
+def test_istft_in_blocks_is_the_same_bits(rng, n_frames, block):
+    window = dsp.hann_window(64)  # 4 hops per frame, as Spleeter's
+    spec = torch.tensor(
+        rng.standard_normal((2, 3, n_frames, 33)) + 1j * rng.standard_normal((2, 3, n_frames, 33)),
+        dtype=torch.complex64,
+    )
+    asked = []
+    buffer = torch.empty(0, dtype=torch.complex64)
+
+    def spectrum(a: int, b: int) -> torch.Tensor:
+        asked.append((a, b))
+        buffer.resize_(2, 3, b - a, 33).copy_(spec[..., a:b, :])  # one buffer, reused
+        return buffer
+
+    got = dsp.istft_blocks(n_frames, spectrum, window, frame_step=16, block=block)
+    assert torch.equal(got, dsp.istft(spec, window, frame_step=16))
+    # every frame asked for once, in order; no block but a lone one under 4 frames
+    assert [f for a, b in asked for f in range(a, b)] == list(range(n_frames))
+    assert all(b - a >= 4 for a, b in asked) or len(asked) == 1
+
+
 def test_ratio_masks_formula_and_sum():
     out = torch.tensor([[3.0, 0.0], [4.0, 0.0]])
     masks = dsp.ratio_masks(out, exponent=2.0)

@@ -497,7 +497,7 @@ class _StreamState:
         self.next_segment = 0  # start frame of the next model segment
         self.tail = torch.zeros(n_inst, n_ch, self.n_fft - self.hop, device=device)
         self.emitted = 0  # output samples (padded coords) emitted or skipped
-        self._stems: torch.Tensor | None = None  # see _stems_buffer
+        self._stems: dict[int, torch.Tensor] = {}  # see _stems_buffer
 
     @property
     def n_frames_in(self) -> int:
@@ -591,8 +591,15 @@ class _StreamState:
         if self.weights is not None:
             estimates = estimates / self.weight_sum[:n, None]
         spec = self.spec[:, :n]
+        window = self.engine.window
         if self.wiener is None:
-            stems = self.engine.apply_masks(estimates, spec, out=self._stems_buffer(n))
+
+            def masked(a: int, b: int) -> torch.Tensor:  # stem STFTs of frames [a, b)
+                out = self._stems_buffer(b - a)
+                return self.engine.apply_masks(estimates[:, :, a:b], spec[:, a:b], out=out)
+
+            # masked and inverted a few frames at a time, in the CPU's caches
+            signal = dsp.istft_blocks(n, masked, window, frame_step=self.hop)
         else:
             magnitudes, mixture = self.engine.wiener_inputs(estimates, spec)
             if self.collecting:
@@ -600,7 +607,8 @@ class _StreamState:
                 self._drop(n)
                 return
             stems = self.wiener.apply(magnitudes, mixture)
-        signal = dsp.istft(stems, self.engine.window, frame_step=self.hop)  # from frame0 * hop
+            signal = dsp.istft(stems, window, frame_step=self.hop)
+        # signal: from frame0 * hop
         overlap = self.tail.shape[-1]
         signal[..., :overlap] += self.tail
         self.tail = signal[..., n * self.hop :].clone()
@@ -611,12 +619,17 @@ class _StreamState:
     def _stems_buffer(self, n: int) -> torch.Tensor:
         """Return a zeroed (I, C, n, bins) complex buffer for the masked stems, kept.
 
-        Only the masked bins are rewritten each time; the others stay zero.
+        Only the masked bins are rewritten each time; the others stay zero. A few sizes
+        are kept (the blocks of :func:`~splitstems.dsp.istft_blocks`, and the last one).
         """
-        shape = (*self.acc.shape[:2], n, self.spec.shape[-1])
-        if self._stems is None or self._stems.shape != shape:
-            self._stems = torch.zeros(shape, dtype=torch.complex64, device=self.engine.device)
-        return self._stems
+        buffer = self._stems.get(n)
+        if buffer is None:
+            if len(self._stems) >= 4:
+                self._stems.clear()
+            shape = (*self.acc.shape[:2], n, self.spec.shape[-1])
+            buffer = torch.zeros(shape, dtype=torch.complex64, device=self.engine.device)
+            self._stems[n] = buffer
+        return buffer
 
     def _drop(self, n: int) -> None:
         """Forget the first ``n`` frames (they are done)."""
