@@ -514,7 +514,11 @@ class _StreamState:
         if not array.shape[0]:
             return
         self.n_input += array.shape[0]
-        self.samples = torch.cat([self.samples, torch.from_numpy(array.T.copy())], dim=1)
+        n_old = self.samples.shape[1]
+        samples = self.samples.new_empty(self.samples.shape[0], n_old + array.shape[0])
+        samples[:, :n_old] = self.samples
+        samples.numpy()[:, n_old:] = array.T  # NumPy's transposing copy: 10x torch's here
+        self.samples = samples
         self._compute_frames()
         self._run_segments(total_frames=None)
         yield from self._output(self.next_segment)
@@ -574,9 +578,8 @@ class _StreamState:
         magnitude = self.spec[:, :needed, : cfg.F].abs()  # (C, n, F) from frame0
         if needed > magnitude.shape[1]:  # the end: zero frames, as the original pads
             magnitude = torch.nn.functional.pad(magnitude, (0, 0, 0, needed - magnitude.shape[1]))
-        batch = torch.stack(
-            [magnitude[:, s - self.frame0 : s - self.frame0 + self.T] for s in starts]
-        )
+        windows = [magnitude[:, s - self.frame0 : s - self.frame0 + self.T] for s in starts]
+        batch = windows[0].unsqueeze(0) if len(windows) == 1 else torch.stack(windows)
         n_known = self.acc.shape[2]
         lo = starts[0] - self.frame0
         hi = lo + len(starts) * self.T
