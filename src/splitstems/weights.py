@@ -250,15 +250,19 @@ def nonfinite(values: np.ndarray, dtype: str = "F32") -> str | None:
 
     ``dtype`` is the safetensors name; bfloat16 values come as their bits (numpy has no
     bfloat16). numpy, not torch: ``np.isfinite`` takes 4-15 ms for the 2stems model's
-    75 MB, ``torch.isfinite`` about 0.6 s on a busy CPU.
+    75 MB, ``torch.isfinite`` about 0.6 s on a busy CPU; a sum first (NaN and inf carry
+    through it) reads the values once without a mask: ~3 ms.
     """
     if dtype == "BF16":
         bad = (values & _BF16_EXPONENT) == _BF16_EXPONENT
         if not bad.any():
             return None
     else:
+        with np.errstate(all="ignore"):  # one sum: NaN and inf carry through it
+            if not values.size or math.isfinite(float(np.add.reduce(values, axis=None))):
+                return None
         if np.isfinite(values).all():
-            return None
+            return None  # finite values whose sum overflowed
         bad = ~np.isfinite(values)
     count = int(np.count_nonzero(bad))
     values_word = "values" if count > 1 else "value"
