@@ -41,8 +41,6 @@ __all__ = [
 ]
 
 DEFAULT_FILENAME_FORMAT = "{filename}/{instrument}.{codec}"
-#: Audio is decoded this many seconds at a time when separating files.
-CHUNK_SECONDS = 30.0
 
 
 def load_model(
@@ -378,11 +376,12 @@ class Separator:
         passes = itertools.count()
 
         def chunks() -> Iterator[np.ndarray]:  # opened once per pass (MWF: several)
+            # One model segment's samples (~11.9 s) at a time: each segment runs as soon
+            # as its samples are in, and the buffers stay small (30 s chunks: 45 MB more
+            # peak memory and 20-30 ms more for 3 minutes, 2026-11-30). Same bits.
             return audio.stream(
                 source,
-                chunk_samples=int(CHUNK_SECONDS * self.sample_rate),
-                # the first model segment runs as soon as its samples are in
-                first_chunk_samples=self.engine.segment_samples,
+                chunk_samples=self.engine.segment_samples,
                 offset=offset,
                 duration=duration,
                 sample_rate=self.sample_rate,
