@@ -621,8 +621,10 @@ class _StreamState:
                 out = self._stems_buffer(b - a)
                 return self.engine.apply_masks(estimates[:, :, a:b], spec[:, a:b], out=out)
 
-            # masked and inverted a few frames at a time, in the CPU's caches
-            signal = dsp.istft_blocks(n, masked, window, frame_step=self.hop)
+            # on the CPU masked and inverted a few frames at a time, in its caches (a GPU
+            # takes them all at once: fewer kernel launches)
+            block = dsp.ISTFT_BLOCK if spec.device.type == "cpu" else n
+            signal = dsp.istft_blocks(n, masked, window, frame_step=self.hop, block=block)
         else:
             magnitudes, mixture = self.engine.wiener_inputs(estimates, spec)
             if self.collecting:
